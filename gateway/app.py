@@ -1,0 +1,89 @@
+"""Assemble the aiohttp application from a config: upstreams, policies, proxy, addons."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from gateway.addons import Addon, AddonChain
+from gateway.auth import Authenticator
+from gateway.config import Config
+from gateway.policies import PolicySet
+from gateway.proxy import Proxy, health
+from gateway.upstream import Upstream
+from gateway.upstream_http import HttpUpstream
+from gateway.upstream_stdio import StdioUpstream
+
+log = logging.getLogger("ledgergate")
+
+PROXY_KEY = web.AppKey("proxy", Proxy)
+POLICIES_KEY = web.AppKey("policies", PolicySet)
+
+
+def build_upstreams(cfg: Config) -> dict[str, Upstream]:
+    ups: dict[str, Upstream] = {}
+    for name, srv in cfg.servers.items():
+        if srv.url is not None:
+            ups[name] = HttpUpstream(name, srv.url, cfg.gateway.upstream_timeout_s, cfg.gateway.max_body_bytes)
+        else:
+            cwd = str(cfg.resolve(srv.cwd)) if srv.cwd else None
+            ups[name] = StdioUpstream(name, cfg.command(name), srv.env, cwd, cfg.gateway.upstream_timeout_s)
+    return ups
+
+
+def build_app(cfg: Config, addons: list[Addon] | None = None,
+              background: list[Any] | None = None) -> web.Application:
+    """The gateway app. `addons` hook into every flow (audit, metrics); `background` are
+    extra coroutine factories (consumers) run for the app's lifetime."""
+    chain = AddonChain(addons)
+    policies = PolicySet({name: cfg.policy_path(name) for name in cfg.servers}, chain)
+    policies.load_all()  # raises PolicyError naming the file: fail at start, never serve without a policy
+    upstreams = build_upstreams(cfg)
+    proxy = Proxy(
+        auth=Authenticator.from_config(cfg),
+        policies=policies,
+        upstreams=upstreams,
+        addons=chain,
+        max_body_bytes=cfg.gateway.max_body_bytes,
+        session_idle_timeout_s=cfg.gateway.session_idle_timeout_s,
+        allowed_hosts=cfg.gateway.allowed_hosts + ([cfg.gateway.host] if cfg.gateway.host not in
+                                                   ("0.0.0.0", "::", "") else []),
+        allowed_origins=cfg.gateway.allowed_origins,
+    )
+    # the body is read (bounded) by the proxy itself, so it can answer 413 with a JSON-RPC error
+    app = web.Application(client_max_size=cfg.gateway.max_body_bytes + 1)
+    app[PROXY_KEY] = proxy
+    app[POLICIES_KEY] = policies
+    app.router.add_post("/mcp/{server}", proxy.post)
+    app.router.add_get("/mcp/{server}", proxy.get)
+    app.router.add_delete("/mcp/{server}", proxy.delete)
+    app.router.add_get("/healthz", health(proxy))
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        for up in upstreams.values():
+            await up.start()
+        tasks = [
+            asyncio.create_task(proxy.expire_sessions(), name="expire-sessions"),
+            asyncio.create_task(policies.watch(), name="policy-watch"),
+        ]
+        for factory in background or ():
+            tasks.append(asyncio.create_task(factory(), name=getattr(factory, "__name__", "background")))
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            import signal
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policies.reload)
+        yield
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        proxy.close_all()
+        for up in upstreams.values():
+            await up.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

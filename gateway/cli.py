@@ -1,0 +1,89 @@
+"""`ledgergate` command line: the composition root (the only place wiring gateway and consumers)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gateway.config import Config, ConfigError, load_config
+from schemas.policy import PolicyError, load_policy
+
+log = logging.getLogger("ledgergate")
+
+
+def _check(cfg_path: str) -> tuple[Config, list[str]]:
+    cfg = load_config(cfg_path)
+    notes = []
+    for name in cfg.servers:
+        pol = load_policy(cfg.policy_path(name))
+        notes.append(f"server {name}: policy {cfg.policy_path(name)} (version {pol.version[:12]}) ok")
+    for name, grant in cfg.grants.items():
+        if grant.key is not None:
+            notes.append(f"grant {name}: WARNING: plain-text key in the config (use key_sha256 outside demos)")
+    return cfg, notes
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        _, notes = _check(args.config)
+    except (ConfigError, PolicyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for n in notes:
+        print(n)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from gateway.app import build_app
+
+    try:
+        cfg, notes = _check(args.config)
+    except (ConfigError, PolicyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for n in notes:
+        if "WARNING" in n:
+            log.warning(n)
+    if args.listen:
+        cfg.gateway.listen = args.listen
+    app = build_app(cfg)
+    host, port = cfg.gateway.host, cfg.gateway.port
+    for name, srv in cfg.servers.items():
+        log.info("serving %s (%s) at http://%s:%d/mcp/%s", name, srv.url or " ".join(cfg.command(name)),
+                 host, port, name)
+    try:
+        import uvloop  # type: ignore[import-not-found]
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    web.run_app(app, host=host, port=port, print=None, access_log=None,
+                handler_cancellation=True, loop=loop_factory() if loop_factory else None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ledgergate", description="MCP policy gateway")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="serve the gateway")
+    p.add_argument("--config", "-c", default="ledgergate.toml")
+    p.add_argument("--listen", help="HOST:PORT, overrides [gateway] listen")
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("check", help="validate a config and its policies without serving")
+    p.add_argument("config")
+    p.set_defaults(fn=cmd_check)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

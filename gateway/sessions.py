@@ -1,0 +1,73 @@
+"""MCP sessions as the gateway issues them: one per initialize, bound to a server and a grant."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.auth import Grant
+
+SUPPORTED_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
+LATEST_VERSION = "2025-11-25"
+MODERN_VERSIONS = ("2026-07-28",)
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    server: str
+    grant: Grant
+    remote: str | None = None
+    protocol_version: str | None = None
+    client_name: str | None = None
+    client_version: str | None = None
+    upstream_session: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    active: int = 0  # open requests and streams: an active session never expires
+    state: dict[str, Any] = field(default_factory=dict)  # per-transport state (stdio GET queue...)
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
+
+def new_session_id() -> str:
+    # visible ASCII, 256 bits of randomness
+    return secrets.token_urlsafe(32)
+
+
+class SessionRegistry:
+    def __init__(self, idle_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self._clock = clock
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):
+        return iter(list(self._sessions.values()))
+
+    def get(self, sid: str) -> Session | None:
+        return self._sessions.get(sid)
+
+    def add(self, session: Session) -> None:
+        self._sessions[session.id] = session
+
+    def remove(self, sid: str) -> Session | None:
+        return self._sessions.pop(sid, None)
+
+    def expired(self) -> list[Session]:
+        """Remove and return the sessions idle for longer than the timeout."""
+        now = self._clock()
+        gone = [
+            s for s in self._sessions.values()
+            if s.active <= 0 and now - s.last_seen > self.idle_timeout_s
+        ]
+        for s in gone:
+            del self._sessions[s.id]
+        return gone

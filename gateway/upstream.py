@@ -1,0 +1,66 @@
+"""What every upstream transport offers the proxy (HTTP relay, stdio supervisor)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from gateway import jsonrpc
+
+if TYPE_CHECKING:
+    from gateway.flow import CallFlow
+    from gateway.sessions import Session
+
+# rewrites the final JSON-RPC response of a request (tools/list filtering); None = untouched
+Transform = Callable[[dict[str, Any]], dict[str, Any]] | None
+# called once an initialize was answered by the upstream, before the answer's headers go out
+OnOpen = Callable[["Session"], None] | None
+
+
+class Upstream(abc.ABC):
+    name: str
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open pools; start nothing that a request can start lazily."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def request(
+        self, flow: CallFlow, req: web.Request, session: Session, transform: Transform, on_open: OnOpen
+    ) -> web.StreamResponse:
+        """Forward one allowed JSON-RPC request and relay the answer (JSON or a streamed SSE).
+
+        Sets the flow's outcome (flow.observe / flow.finish) before returning.
+        """
+
+    @abc.abstractmethod
+    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request) -> web.StreamResponse:
+        """Forward a notification or a response from the client; answer 202 or the upstream's status."""
+
+    @abc.abstractmethod
+    async def open_stream(self, session: Session, req: web.Request) -> web.StreamResponse:
+        """The GET server-to-client stream (or 405)."""
+
+    @abc.abstractmethod
+    async def end_session(self, session: Session, req: web.Request) -> web.StreamResponse:
+        """DELETE: end the session upstream too."""
+
+    def session_closed(self, session: Session) -> None:
+        """The gateway dropped the session (DELETE, expiry, shutdown): free what it holds."""
+
+
+def json_response(payload: dict[str, Any] | bytes, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+def error_response(status: int, code: int, message: str, id: Any = None, data: Any = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return json_response(jsonrpc.error_bytes(id, code, message, data), status=status, headers=headers)

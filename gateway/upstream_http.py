@@ -1,0 +1,243 @@
+"""Streamable HTTP upstream: a streaming relay, one upstream MCP session per gateway session.
+
+Bytes pass through unchanged: an SSE answer is relayed event by event as each event
+completes (never buffered whole); only the final response of a tools/list is rewritten.
+The client's key never goes upstream; the gateway's session id is mapped to the
+upstream's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import jsonrpc
+from gateway.sse import SseSplitter, format_event
+from gateway.upstream import OnOpen, Transform, Upstream, error_response, json_response
+
+if TYPE_CHECKING:
+    from gateway.flow import CallFlow
+    from gateway.sessions import Session
+
+log = logging.getLogger("ledgergate.upstream.http")
+
+_FORWARD_REQ = ("accept", "content-type", "mcp-protocol-version", "last-event-id", "user-agent")
+_FORWARD_RESP = ("content-type", "cache-control", "x-accel-buffering", "allow")
+_NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+class HttpUpstream(Upstream):
+    def __init__(self, name: str, url: str, timeout_s: float, max_body_bytes: int) -> None:
+        self.name = name
+        self.url = url
+        self.timeout_s = timeout_s
+        self.max_body_bytes = max_body_bytes
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.timeout_s),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        )
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        assert self._http is not None, "HttpUpstream.start() not called"
+        return self._http
+
+    def _headers(self, req: web.Request, session: Session | None) -> dict[str, str]:
+        h = {k: v for k in _FORWARD_REQ if (v := req.headers.get(k)) is not None}
+        if session is not None and session.upstream_session:
+            h["Mcp-Session-Id"] = session.upstream_session
+        return h
+
+    def _failure(self, exc: BaseException) -> tuple[int, str]:
+        if isinstance(exc, asyncio.TimeoutError):
+            return jsonrpc.UPSTREAM_TIMEOUT, f"upstream {self.name!r} did not answer within {self.timeout_s:g} s"
+        return jsonrpc.UPSTREAM_UNAVAILABLE, f"upstream {self.name!r} unreachable: {exc.__class__.__name__}: {exc}"
+
+    def _resp_headers(self, up: aiohttp.ClientResponse, session: Session | None) -> dict[str, str]:
+        h = {k: v for k in _FORWARD_RESP if (v := up.headers.get(k)) is not None}
+        if session is not None:
+            h["Mcp-Session-Id"] = session.id
+        return h
+
+    async def request(
+        self, flow: CallFlow, req: web.Request, session: Session, transform: Transform, on_open: OnOpen
+    ) -> web.StreamResponse:
+        flow.forwarded_at = time.perf_counter()
+        body = req["lg_body"]
+        try:
+            up = await self.http.post(self.url, data=body, headers=self._headers(req, session))
+        except _NETWORK_ERRORS as exc:
+            code, text = self._failure(exc)
+            flow.finish("upstream_error", code=code, message=text)
+            return error_response(200, code, text, flow.request_id, {"upstream": self.name})
+        try:
+            if on_open is not None and 200 <= up.status < 300:
+                session.upstream_session = up.headers.get("mcp-session-id")
+                on_open(session)
+            ctype = up.headers.get("content-type", "")
+            if up.status == 404 and session.upstream_session and on_open is None:
+                flow.finish("upstream_error", code=404, message="upstream session expired")
+                session.state["upstream_gone"] = True
+            if ctype.startswith("text/event-stream"):
+                return await self._relay_sse(flow, req, up, session, transform)
+            data = await up.read()
+            if ctype.startswith("application/json") and flow.outcome is None:
+                data = self._observe_json(flow, data, transform)
+            elif flow.outcome is None:
+                flow.finish("upstream_error", code=up.status, message=f"upstream answered HTTP {up.status}",
+                            nbytes=len(data))
+            return web.Response(body=data, status=up.status, headers=self._resp_headers(up, session))
+        except _NETWORK_ERRORS as exc:
+            code, text = self._failure(exc)
+            flow.finish("upstream_error", code=code, message=text)
+            return error_response(200, code, text, flow.request_id, {"upstream": self.name})
+        finally:
+            up.release()
+
+    def _observe_json(self, flow: CallFlow, data: bytes, transform: Transform) -> bytes:
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            flow.finish("upstream_error", message="upstream answered invalid JSON", nbytes=len(data))
+            return data
+        if isinstance(msg, dict):
+            if transform is not None and "result" in msg:
+                msg = transform(msg)
+                data = orjson.dumps(msg)
+            flow.observe(msg, len(data))
+        return data
+
+    async def _relay_sse(
+        self, flow: CallFlow, req: web.Request, up: aiohttp.ClientResponse, session: Session, transform: Transform
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, session))
+        await resp.prepare(req)
+        splitter = SseSplitter()
+        nbytes = 0
+        try:
+            async for chunk in up.content.iter_any():
+                for ev in splitter.feed(chunk):
+                    raw = ev.raw
+                    if ev.data and flow.outcome is None:
+                        raw = self._maybe_final(flow, ev.data, raw, transform)
+                    nbytes += len(raw)
+                    await resp.write(raw)
+            if splitter.pending:
+                await resp.write(splitter.pending)
+            if flow.outcome is None:
+                flow.finish("upstream_error", message="upstream closed the stream before answering",
+                            nbytes=nbytes)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            # the client went away; per spec that is not a cancellation of the call
+            if flow.outcome is None:
+                flow.finish("cancelled", message="client disconnected before the answer", nbytes=nbytes)
+            return resp
+        except _NETWORK_ERRORS as exc:
+            code, text = self._failure(exc)
+            if flow.outcome is None:
+                flow.finish("upstream_error", code=code, message=text, nbytes=nbytes)
+                err = jsonrpc.error_bytes(flow.request_id, code, text, {"upstream": self.name})
+                try:
+                    await resp.write(format_event(err))
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    pass
+        try:
+            await resp.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+        return resp
+
+    def _maybe_final(self, flow: CallFlow, data: bytes, raw: bytes, transform: Transform) -> bytes:
+        try:
+            msg: Any = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return raw
+        if not isinstance(msg, dict) or "method" in msg or msg.get("id") != flow.request_id:
+            return raw
+        if "result" not in msg and "error" not in msg:
+            return raw
+        if transform is not None and "result" in msg:
+            msg = transform(msg)
+            new = orjson.dumps(msg)
+            # keep the event's other fields (id, event), replace only the data
+            head = b"".join(
+                line + b"\n" for line in raw.replace(b"\r\n", b"\n").split(b"\n")
+                if line and not line.startswith(b"data")
+            )
+            raw = head + b"data: " + new + b"\n\n"
+            flow.observe(msg, len(new))
+        else:
+            flow.observe(msg, len(data))
+        return raw
+
+    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request) -> web.StreamResponse:
+        try:
+            async with self.http.post(self.url, data=body, headers=self._headers(req, session)) as up:
+                data = await up.read()
+                return web.Response(body=data, status=up.status, headers=self._resp_headers(up, session))
+        except _NETWORK_ERRORS as exc:
+            code, text = self._failure(exc)
+            return error_response(502, code, text, None, {"upstream": self.name})
+
+    async def open_stream(self, session: Session, req: web.Request) -> web.StreamResponse:
+        headers = self._headers(req, session)
+        try:
+            up = await self.http.get(
+                self.url, headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
+            )
+        except _NETWORK_ERRORS as exc:
+            code, text = self._failure(exc)
+            return error_response(502, code, text, None, {"upstream": self.name})
+        try:
+            if not up.headers.get("content-type", "").startswith("text/event-stream"):
+                data = await up.read()
+                return web.Response(body=data, status=up.status, headers=self._resp_headers(up, session))
+            resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, session))
+            await resp.prepare(req)
+            try:
+                async for chunk in up.content.iter_any():
+                    await resp.write(chunk)
+                await resp.write_eof()
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError, *_NETWORK_ERRORS):
+                pass
+            return resp
+        finally:
+            up.release()
+
+    async def end_session(self, session: Session, req: web.Request) -> web.StreamResponse:
+        try:
+            async with self.http.delete(self.url, headers=self._headers(req, session)) as up:
+                data = await up.read()
+                return web.Response(body=data, status=up.status, headers=self._resp_headers(up, None))
+        except _NETWORK_ERRORS as exc:
+            code, text = self._failure(exc)
+            return error_response(502, code, text, None, {"upstream": self.name})
+
+    async def forget(self, session: Session) -> None:
+        """Best-effort DELETE upstream for a session the gateway expired."""
+        if not session.upstream_session or self._http is None:
+            return
+        try:
+            async with self.http.delete(self.url, headers={"Mcp-Session-Id": session.upstream_session}) as up:
+                await up.read()
+        except _NETWORK_ERRORS:
+            pass
+
+
+def json_error_for(flow: CallFlow, code: int, text: str, upstream: str) -> web.Response:
+    return json_response(jsonrpc.error(flow.request_id, code, text, {"upstream": upstream}))

@@ -1,0 +1,455 @@
+"""stdio upstreams: MCP servers the gateway spawns and supervises.
+
+One child process per (server, grant), so a stateful server (whatsapp-mcp-server keeps
+one global WhatsApp session per process) never leaks state between grants. Messages
+are newline-delimited JSON-RPC over the child's stdin/stdout; its stderr goes to the
+gateway's log.
+
+Several gateway sessions of one grant share that grant's child, so the gateway gives
+every forwarded request a process-unique id (and progress token) and maps the answer
+back to the client's own id. The child is initialized once; later sessions of the
+grant get the child's cached initialize result (when they ask for the same protocol
+version). A child that dies is restarted with exponential backoff and the initialize
+handshake replayed; the calls in flight get a JSON-RPC error naming the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from gateway import jsonrpc
+from gateway.sse import format_event
+from gateway.upstream import OnOpen, Transform, Upstream, error_response, json_response
+
+if TYPE_CHECKING:
+    from gateway.flow import CallFlow
+    from gateway.sessions import Session
+
+log = logging.getLogger("ledgergate.upstream.stdio")
+
+MAX_LINE = 64 << 20
+_FINAL = "final"
+_MESSAGE = "message"
+
+
+class UpstreamDown(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Pending:
+    orig_id: Any
+    session: Session | None
+    token: Any = None
+    requested_version: Any = None  # for an initialize: the protocolVersion the client asked for
+    queue: asyncio.Queue[tuple[str, dict[str, Any]]] = field(default_factory=asyncio.Queue)
+
+
+class StdioProcess:
+    """One supervised child for one (server, grant)."""
+
+    def __init__(self, up: StdioUpstream, grant: str) -> None:
+        self.up = up
+        self.grant = grant
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pending: dict[int, Pending] = {}
+        self.sessions: set[Session] = set()
+        self._next_id = 0
+        self._init_msg: dict[str, Any] | None = None
+        self._init_results: dict[Any, dict[str, Any]] = {}  # requested protocolVersion -> result
+        self._initialized_sent = False
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failures = 0
+        self._started_at = 0.0
+        self.restarts = 0
+        self.closing = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    @property
+    def label(self) -> str:
+        return f"upstream {self.up.name!r} (stdio, grant {self.grant!r})"
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def ensure(self) -> None:
+        if self.alive:
+            return
+        async with self._lock:
+            if self.alive:
+                return
+            if self.closing:
+                raise UpstreamDown(f"{self.label} is shutting down")
+            if self._failures:
+                delay = min(0.1 * 2 ** (self._failures - 1), 10.0)
+                log.warning("%s: restarting in %.1f s (failure %d)", self.label, delay, self._failures)
+                await asyncio.sleep(delay)
+            await self._spawn()
+            if self._init_msg is not None:
+                await self._replay_handshake()
+
+    async def _spawn(self) -> None:
+        env = {**os.environ, **self.up.env}
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.up.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env, cwd=self.up.cwd, limit=MAX_LINE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self._failures += 1
+            raise UpstreamDown(f"{self.label} could not start {self.up.argv[0]!r}: {exc.strerror}") from None
+        self._started_at = time.monotonic()
+        self.restarts += 1
+        log.info("%s: started pid %d", self.label, self.proc.pid)
+        self._tasks = [
+            asyncio.create_task(self._read_stdout(self.proc)),
+            asyncio.create_task(self._read_stderr(self.proc)),
+        ]
+
+    async def _replay_handshake(self) -> None:
+        assert self._init_msg is not None
+        uid = self._new_id()
+        p = Pending(orig_id=None, session=None)
+        self.pending[uid] = p
+        self._write({**self._init_msg, "id": uid})
+        try:
+            kind, msg = await asyncio.wait_for(p.queue.get(), self.up.timeout_s)
+        except asyncio.TimeoutError:
+            self.pending.pop(uid, None)
+            raise UpstreamDown(f"{self.label} restarted but did not answer initialize") from None
+        if "error" in msg:
+            raise UpstreamDown(f"{self.label} restarted but refused initialize: {msg['error']}")
+        if self._initialized_sent:
+            self._write({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        log.info("%s: handshake replayed after restart", self.label)
+
+    def _write(self, msg: dict[str, Any] | bytes) -> None:
+        if not self.alive or self.proc is None or self.proc.stdin is None:
+            raise UpstreamDown(f"{self.label} is not running")
+        line = msg if isinstance(msg, bytes) else orjson.dumps(msg)
+        self.proc.stdin.write(line.rstrip(b"\n") + b"\n")
+
+    async def call(self, msg: dict[str, Any], session: Session) -> tuple[int, Pending]:
+        await self.ensure()
+        uid = self._new_id()
+        p = Pending(orig_id=msg.get("id"), session=session)
+        out = {**msg, "id": uid}
+        params = msg.get("params")
+        if isinstance(params, dict):
+            meta = params.get("_meta")
+            if isinstance(meta, dict) and "progressToken" in meta:
+                p.token = meta["progressToken"]
+                out["params"] = {**params, "_meta": {**meta, "progressToken": uid}}
+        if msg.get("method") == "initialize":
+            if self._init_msg is None:
+                self._init_msg = {k: v for k, v in msg.items() if k != "id"}
+            p.requested_version = (params or {}).get("protocolVersion")
+            session.state["forward_initialized"] = True
+        self.pending[uid] = p
+        session.state.setdefault("inflight", {})[jsonrpc.id_text(p.orig_id)] = uid
+        self._write(out)
+        return uid, p
+
+    def notify(self, msg: dict[str, Any], body: bytes, session: Session) -> None:
+        """A client notification or response: pass it to the child (mapping ids it names)."""
+        method = msg.get("method")
+        if method == "notifications/initialized":
+            if not session.state.pop("forward_initialized", False):
+                return  # this session got the child's cached initialize result: the child is initialized
+            self._initialized_sent = True
+        elif method == "notifications/cancelled":
+            params = msg.get("params") or {}
+            uid = session.state.get("inflight", {}).get(jsonrpc.id_text(params.get("requestId")))
+            if uid is None:
+                return
+            msg = {**msg, "params": {**params, "requestId": uid}}
+            body = orjson.dumps(msg)
+        self._write(body)
+
+    def cached_initialize(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        if not self.alive or not self._initialized_sent:
+            return None
+        result = self._init_results.get((msg.get("params") or {}).get("protocolVersion"))
+        if result is None:
+            return None
+        return {"jsonrpc": "2.0", "id": msg.get("id"), "result": result}
+
+    def done(self, uid: int, session: Session | None) -> None:
+        self.pending.pop(uid, None)
+        if session is not None:
+            inflight = session.state.get("inflight", {})
+            for k, v in list(inflight.items()):
+                if v == uid:
+                    del inflight[k]
+
+    async def _read_stdout(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while True:
+                try:
+                    line = await proc.stdout.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    log.error("%s: a message over %d bytes; dropping it", self.label, MAX_LINE)
+                    continue
+                if not line:
+                    break
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    msg = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    log.warning("%s: stdout line is not JSON: %.200r", self.label, line)
+                    continue
+                if isinstance(msg, dict):
+                    self._route(msg)
+        finally:
+            rc = await proc.wait()
+            self._died(proc, rc)
+
+    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        while True:
+            try:
+                line = await proc.stderr.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                continue
+            if not line:
+                return
+            log.info("%s stderr: %s", self.label, line.decode(errors="replace").rstrip())
+
+    def _route(self, msg: dict[str, Any]) -> None:
+        method = msg.get("method")
+        if method is None:
+            p = self.pending.get(msg.get("id"))  # type: ignore[arg-type]
+            if p is None:
+                log.warning("%s: answer to an unknown request id %r", self.label, msg.get("id"))
+                return
+            result = msg.get("result")
+            if p.requested_version is not None and isinstance(result, dict) and "protocolVersion" in result:
+                self._init_results[p.requested_version] = result
+            self.pending.pop(msg["id"], None)
+            p.queue.put_nowait((_FINAL, {**msg, "id": p.orig_id}))
+            return
+        if method == "notifications/progress":
+            params = msg.get("params") or {}
+            p = self.pending.get(params.get("progressToken"))
+            if p is not None:
+                p.queue.put_nowait((_MESSAGE, {**msg, "params": {**params, "progressToken": p.token}}))
+                return
+        # other server-to-client traffic: the most recent call's stream, else the GET streams
+        for p in reversed(self.pending.values()):
+            if p.session is not None:
+                p.queue.put_nowait((_MESSAGE, msg))
+                return
+        delivered = False
+        for s in self.sessions:
+            q = s.state.get("get_queue")
+            if q is not None:
+                q.put_nowait(msg)
+                delivered = True
+        if not delivered and "id" in msg:
+            with contextlib.suppress(UpstreamDown):
+                self._write(jsonrpc.error(msg["id"], jsonrpc.INTERNAL_ERROR,
+                                          "no client stream is open to carry this request"))
+
+    def _died(self, proc: asyncio.subprocess.Process, rc: int) -> None:
+        if proc is not self.proc:
+            return
+        lived = time.monotonic() - self._started_at
+        self._failures = 1 if lived > 30 else self._failures + 1
+        if not self.closing:
+            log.error("%s: exited with code %s after %.1f s", self.label, rc, lived)
+        text = f"{self.label} exited with code {rc} while handling this request"
+        for p in self.pending.values():
+            p.queue.put_nowait((_FINAL, jsonrpc.error(p.orig_id, jsonrpc.UPSTREAM_UNAVAILABLE, text,
+                                                      {"upstream": self.up.name, "exit_code": rc})))
+        self.pending.clear()
+
+    async def stop(self) -> None:
+        self.closing = True
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(Exception):
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                await asyncio.wait_for(proc.wait(), 2.0)
+                break
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+        with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), 2.0)
+        for t in self._tasks:
+            t.cancel()
+
+
+class StdioUpstream(Upstream):
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: str | None, timeout_s: float) -> None:
+        self.name = name
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+        self.timeout_s = timeout_s
+        self.processes: dict[str, StdioProcess] = {}
+
+    def process(self, grant: str) -> StdioProcess:
+        p = self.processes.get(grant)
+        if p is None:
+            p = self.processes[grant] = StdioProcess(self, grant)
+        return p
+
+    async def close(self) -> None:
+        await asyncio.gather(*(p.stop() for p in self.processes.values()), return_exceptions=True)
+
+    async def request(
+        self, flow: CallFlow, req: web.Request, session: Session, transform: Transform, on_open: OnOpen
+    ) -> web.StreamResponse:
+        proc = self.process(session.grant.name)
+        msg = req["lg_msg"]
+        flow.forwarded_at = time.perf_counter()
+        if on_open is not None:
+            cached = proc.cached_initialize(msg)
+            if cached is not None:
+                proc.sessions.add(session)
+                on_open(session)
+                flow.observe(cached, 0)
+                return json_response(cached, headers={"Mcp-Session-Id": session.id})
+        try:
+            uid, p = await proc.call(msg, session)
+        except UpstreamDown as exc:
+            flow.finish("upstream_error", code=jsonrpc.UPSTREAM_UNAVAILABLE, message=str(exc))
+            return error_response(200, jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), flow.request_id,
+                                  {"upstream": self.name})
+        session.active += 1
+        try:
+            return await self._answer(flow, req, session, proc, p, uid, transform, on_open)
+        finally:
+            session.active -= 1
+            proc.done(uid, session)
+
+    async def _next(self, flow: CallFlow, proc: StdioProcess, p: Pending, uid: int
+                    ) -> tuple[str, dict[str, Any]]:
+        try:
+            return await asyncio.wait_for(p.queue.get(), self.timeout_s)
+        except asyncio.TimeoutError:
+            text = f"{proc.label} did not answer within {self.timeout_s:g} s"
+            with contextlib.suppress(UpstreamDown):
+                    proc._write({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                 "params": {"requestId": uid, "reason": "gateway timeout"}})
+            return _FINAL, jsonrpc.error(flow.request_id, jsonrpc.UPSTREAM_TIMEOUT, text, {"upstream": self.name})
+
+    async def _answer(self, flow: CallFlow, req: web.Request, session: Session, proc: StdioProcess,
+                      p: Pending, uid: int, transform: Transform, on_open: OnOpen) -> web.StreamResponse:
+        headers = {"Mcp-Session-Id": session.id}
+        kind, msg = await self._next(flow, proc, p, uid)
+        if kind == _FINAL:
+            return self._final_json(flow, msg, session, proc, transform, on_open, headers)
+        if "text/event-stream" not in req.headers.get("accept", ""):
+            while kind != _FINAL:  # a JSON-only client: intermediate messages cannot be delivered
+                kind, msg = await self._next(flow, proc, p, uid)
+            return self._final_json(flow, msg, session, proc, transform, on_open, headers)
+        if on_open is not None:
+            proc.sessions.add(session)
+            on_open(session)
+        resp = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream",
+                                                       "Cache-Control": "no-cache"})
+        await resp.prepare(req)
+        nbytes = 0
+        try:
+            while True:
+                if kind == _FINAL and transform is not None and "result" in msg:
+                    msg = transform(msg)
+                data = orjson.dumps(msg)
+                nbytes += len(data)
+                await resp.write(format_event(data))
+                if kind == _FINAL:
+                    self._observe(flow, msg, len(data))
+                    break
+                kind, msg = await self._next(flow, proc, p, uid)
+            await resp.write_eof()
+        except ConnectionResetError:
+            if flow.outcome is None:
+                flow.finish("cancelled", message="client disconnected before the answer", nbytes=nbytes)
+        return resp
+
+    def _observe(self, flow: CallFlow, msg: dict[str, Any], nbytes: int) -> None:
+        err = msg.get("error")
+        if isinstance(err, dict) and err.get("code") in (jsonrpc.UPSTREAM_UNAVAILABLE, jsonrpc.UPSTREAM_TIMEOUT) \
+                and isinstance(err.get("data"), dict) and err["data"].get("upstream") == self.name:
+            flow.finish("upstream_error", code=err["code"], message=err.get("message"), nbytes=nbytes)
+        else:
+            flow.observe(msg, nbytes)
+
+    def _final_json(self, flow: CallFlow, msg: dict[str, Any], session: Session, proc: StdioProcess,
+                    transform: Transform, on_open: OnOpen, headers: dict[str, str]) -> web.Response:
+        if transform is not None and "result" in msg:
+            msg = transform(msg)
+        if on_open is not None and "result" in msg:
+            proc.sessions.add(session)
+            on_open(session)
+        data = orjson.dumps(msg)
+        self._observe(flow, msg, len(data))
+        return json_response(data, headers=headers)
+
+    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request) -> web.StreamResponse:
+        proc = self.process(session.grant.name)
+        try:
+            await proc.ensure()
+            proc.notify(msg, body, session)
+        except UpstreamDown as exc:
+            return error_response(502, jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), None, {"upstream": self.name})
+        return web.Response(status=202)
+
+    async def open_stream(self, session: Session, req: web.Request) -> web.StreamResponse:
+        if session.state.get("get_queue") is not None:
+            return error_response(409, jsonrpc.INVALID_REQUEST,
+                                  "Conflict: only one GET stream is allowed per session")
+        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        session.state["get_queue"] = q
+        self.process(session.grant.name).sessions.add(session)
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
+                                                       "Cache-Control": "no-cache", "Mcp-Session-Id": session.id})
+        session.active += 1
+        try:
+            await resp.prepare(req)
+            while (msg := await q.get()) is not None:
+                await resp.write(format_event(orjson.dumps(msg)))
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass
+        finally:
+            session.active -= 1
+            if session.state.get("get_queue") is q:
+                session.state.pop("get_queue", None)
+        return resp
+
+    async def end_session(self, session: Session, req: web.Request) -> web.StreamResponse:
+        return web.Response(status=200)
+
+    def session_closed(self, session: Session) -> None:
+        q = session.state.pop("get_queue", None)
+        if q is not None:
+            q.put_nowait(None)
+        proc = self.processes.get(session.grant.name)
+        if proc is not None:
+            proc.sessions.discard(session)
