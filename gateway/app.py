@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -36,8 +37,8 @@ def build_upstreams(cfg: Config) -> dict[str, Upstream]:
     return ups
 
 
-def build_app(cfg: Config, addons: list[Addon] | None = None,
-              background: list[Any] | None = None) -> web.Application:
+def build_app(cfg: Config, addons: list[Addon] | None = None, background: list[Any] | None = None,
+              clock: Callable[[], float] = time.time) -> web.Application:
     """The gateway app. `addons` hook into every flow (audit, metrics); `background` are
     extra coroutine factories (consumers) run for the app's lifetime."""
     chain = AddonChain(addons)
@@ -54,6 +55,7 @@ def build_app(cfg: Config, addons: list[Addon] | None = None,
         allowed_hosts=cfg.gateway.allowed_hosts + ([cfg.gateway.host] if cfg.gateway.host not in
                                                    ("0.0.0.0", "::", "") else []),
         allowed_origins=cfg.gateway.allowed_origins,
+        clock=clock,
     )
     # the body is read (bounded) by the proxy itself, so it can answer 413 with a JSON-RPC error
     app = web.Application(client_max_size=cfg.gateway.max_body_bytes + 1)

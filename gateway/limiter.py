@@ -1,0 +1,93 @@
+"""In-memory windowed rate-limit counters: what `decide()` reads, charged after an allow.
+
+The state is a projection of the event log: on start-up it is rebuilt by folding the
+`charges` of past allowed `call.decided` events (`fold`). Cells of ended windows are
+dropped by `expire`, which costs O(1) when nothing has ended (a heap of window ends).
+
+Not thread-safe; in asyncio, call `decide()` and `charge()` with no await between them.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from gateway.policy import CounterKey, Decision
+
+__all__ = ["Limiter"]
+
+
+class Limiter:
+    __slots__ = ("_cells", "_ends", "_heap")
+
+    def __init__(self) -> None:
+        self._cells: dict[CounterKey, int] = {}
+        self._ends: dict[int, list[CounterKey]] = {}  # window end -> cells created for it
+        self._heap: list[int] = []  # the keys of _ends
+
+    def view(self) -> Mapping[CounterKey, int]:
+        """The live cell dict (no copy): pass it to decide()."""
+        return self._cells
+
+    def _add(self, key: CounterKey, n: int = 1) -> None:
+        cells = self._cells
+        c = cells.get(key)
+        if c is not None:
+            cells[key] = c + n
+            return
+        cells[key] = n
+        end = key.window_start + key.window_s
+        bucket = self._ends.get(end)
+        if bucket is None:
+            self._ends[end] = [key]
+            heapq.heappush(self._heap, end)
+        else:
+            bucket.append(key)
+
+    def charge(self, decision: Decision) -> None:
+        """+1 on each of decision.charges; no-op unless the decision allowed the call."""
+        if decision.action != "allow":
+            return
+        cells = self._cells
+        for key in decision.charges:
+            c = cells.get(key)
+            if c is None:
+                self._add(key)
+            else:
+                cells[key] = c + 1
+
+    def expire(self, now: float) -> int:
+        """Drop the cells whose window has ended at `now`; returns how many were dropped."""
+        heap = self._heap
+        dropped = 0
+        while heap and heap[0] <= now:
+            end = heapq.heappop(heap)
+            for key in self._ends.pop(end, ()):
+                if self._cells.pop(key, None) is not None:
+                    dropped += 1
+        return dropped
+
+    def fold(self, charges: Iterable[CounterKey | Any], now: float) -> None:
+        """Rebuild: add the charges of past allowed calls whose window has not ended at `now`.
+
+        Accepts CounterKey or anything with the same attributes (e.g. the event model
+        `schemas.events.CounterCharge`). The caller de-duplicates events (by event_id).
+        """
+        for ch in charges:
+            key = (
+                ch
+                if type(ch) is CounterKey
+                else CounterKey(ch.counter, ch.scope, ch.key, ch.window_s, ch.window_start)
+            )
+            if key.window_start + key.window_s > now:
+                self._add(key)
+
+    def snapshot(self) -> dict[str, int]:
+        """{"counter:scope:key:window_s:window_start": count} for metrics and debugging."""
+        return {
+            f"{k.counter}:{k.scope}:{k.key}:{k.window_s}:{k.window_start}": c for k, c in self._cells.items()
+        }
+
+    def __len__(self) -> int:
+        return len(self._cells)

@@ -1,0 +1,101 @@
+"""The in-memory windowed counters (gateway/limiter.py)."""
+
+from __future__ import annotations
+
+from gateway.limiter import Limiter
+from gateway.policy import Call, CounterKey, Decision, decide
+from schemas.events import CounterCharge
+from schemas.policy import parse_policy
+
+SEED = (
+    b'{"version":"1","default":"deny","tools":{"open_session":{"limits":[{"counter":"open_session_rate",'
+    b'"window":"minute","max":10,"scope":"grant"}]}}}'
+)
+T0 = 1_700_000_040
+
+
+def key(counter: str = "c", k: str = "alice", w: int = 60, start: int = T0) -> CounterKey:
+    return CounterKey(counter, "grant", k, w, start)
+
+
+def allow(*keys: CounterKey) -> Decision:
+    return Decision("allow", "/default", None, (), None, tuple(keys))
+
+
+def test_charge_counts_and_view_is_live() -> None:
+    lim = Limiter()
+    view = lim.view()
+    lim.charge(allow(key(), key("d")))
+    lim.charge(allow(key()))
+    assert view == {key(): 2, key("d"): 1}
+    assert lim.view() is view
+    assert len(lim) == 2
+
+
+def test_refused_decisions_are_not_charged() -> None:
+    lim = Limiter()
+    for action in ("deny", "rate_limited", "invalid_arguments"):
+        lim.charge(Decision(action, "/x", "r", (), 1.0, (key(),)))  # type: ignore[arg-type]
+    assert lim.view() == {}
+
+
+def test_expire_drops_ended_windows_only() -> None:
+    lim = Limiter()
+    lim.charge(allow(key(w=60), key("h", w=3600, start=T0 - 40), key("s", w=1, start=T0)))
+    assert lim.expire(T0 + 0.5) == 0
+    assert lim.expire(T0 + 1) == 1  # the 1 s window [T0, T0+1) ended
+    assert lim.expire(T0 + 59.99) == 0
+    assert lim.expire(T0 + 60) == 1
+    assert set(lim.view()) == {key("h", w=3600, start=T0 - 40)}
+    assert lim.expire(T0 + 10_000) == 1
+    assert lim.view() == {} and lim.expire(T0 + 20_000) == 0
+
+
+def test_expire_after_recharge_of_same_window() -> None:
+    lim = Limiter()
+    lim.charge(allow(key()))
+    assert lim.expire(T0 + 60) == 1
+    lim.charge(allow(key(start=T0 + 60)))
+    lim.charge(allow(key(start=T0 + 60)))
+    assert lim.view() == {key(start=T0 + 60): 2}
+    assert lim.expire(T0 + 119) == 0
+    assert lim.expire(T0 + 120) == 1
+
+
+def test_fold_rebuilds_only_live_windows() -> None:
+    lim = Limiter()
+    past = [key(start=T0 - 60)] * 3 + [key(start=T0)] * 4 + [key("d", w=86400, start=T0 - 40)] * 2
+    lim.fold(past, now=T0 + 30)
+    assert lim.view() == {key(start=T0): 4, key("d", w=86400, start=T0 - 40): 2}
+    assert lim.expire(T0 + 60) == 1
+
+
+def test_fold_accepts_event_charges() -> None:
+    lim = Limiter()
+    ch = CounterCharge(counter="c", key="alice", scope="grant", window_start=T0, window_s=60)
+    lim.fold([ch, ch], now=T0)
+    assert lim.view() == {key(): 2}
+
+
+def test_fold_then_decide_matches_live_state() -> None:
+    """Replaying the charges of allowed decisions gives the same counters, hence the same decisions."""
+    p = parse_policy(SEED, "policy.json")
+    live = Limiter()
+    log: list[CounterKey] = []
+    c = Call("wa", "tools/call", "open_session", "alice", "agent", None, {})
+    for i in range(7):
+        d = decide(c, p, live.view(), T0 + i)
+        live.charge(d)
+        log.extend(d.charges)
+    rebuilt = Limiter()
+    rebuilt.fold(log, now=T0 + 8)
+    assert rebuilt.view() == live.view()
+    for _ in range(3):
+        rebuilt.charge(decide(c, p, rebuilt.view(), T0 + 9))
+    assert decide(c, p, rebuilt.view(), T0 + 9).action == "rate_limited"
+
+
+def test_snapshot() -> None:
+    lim = Limiter()
+    lim.charge(allow(key(), key()))
+    assert lim.snapshot() == {f"c:grant:alice:60:{T0}": 2}
