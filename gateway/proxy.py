@@ -33,7 +33,7 @@ from gateway.limiter import Limiter
 from gateway.policies import PolicySet
 from gateway.policy import Call, Decision, can_ever_call, decide, refusal_text
 from gateway.sessions import MODERN_VERSIONS, SUPPORTED_VERSIONS, Session, SessionRegistry, new_session_id
-from gateway.upstream import Upstream, error_response, json_response
+from gateway.upstream import BODY, MESSAGE, Upstream, error_response, json_response
 
 log = logging.getLogger("ledgergate.proxy")
 
@@ -141,8 +141,8 @@ class Proxy:
             msg, kind = jsonrpc.parse(body)
         except InvalidMessage as exc:
             return error_response(400, exc.code, exc.message, exc.id)
-        req["lg_body"] = body
-        req["lg_msg"] = msg
+        req[BODY] = body
+        req[MESSAGE] = msg
         upstream = self.upstreams[server]
         if kind is Kind.REQUEST and msg["method"] == "initialize":
             return await self._initialize(req, msg, grant, server, upstream)

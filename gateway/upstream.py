@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from gateway.flow import CallFlow
     from gateway.sessions import Session
 
+BODY = web.RequestKey("lg_body", bytes)  # the POSTed body as received
+MESSAGE = web.RequestKey("lg_msg", dict)  # ... and parsed
+
 # rewrites the final JSON-RPC response of a request (tools/list filtering); None = untouched
 Transform = Callable[[dict[str, Any]], dict[str, Any]] | None
 # called once an initialize was answered by the upstream, before the answer's headers go out

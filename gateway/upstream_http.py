@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway import jsonrpc
 from gateway.sse import SseSplitter, format_event
-from gateway.upstream import OnOpen, Transform, Upstream, error_response, json_response
+from gateway.upstream import BODY, OnOpen, Transform, Upstream, error_response, json_response
 
 if TYPE_CHECKING:
     from gateway.flow import CallFlow
@@ -77,7 +77,7 @@ class HttpUpstream(Upstream):
         self, flow: CallFlow, req: web.Request, session: Session, transform: Transform, on_open: OnOpen
     ) -> web.StreamResponse:
         flow.forwarded_at = time.perf_counter()
-        body = req["lg_body"]
+        body = req[BODY]
         try:
             up = await self.http.post(self.url, data=body, headers=self._headers(req, session))
         except _NETWORK_ERRORS as exc:

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from gateway import jsonrpc
 from gateway.sse import format_event
-from gateway.upstream import OnOpen, Transform, Upstream, error_response, json_response
+from gateway.upstream import MESSAGE, OnOpen, Transform, Upstream, error_response, json_response
 
 if TYPE_CHECKING:
     from gateway.flow import CallFlow
@@ -325,7 +325,7 @@ class StdioUpstream(Upstream):
         self, flow: CallFlow, req: web.Request, session: Session, transform: Transform, on_open: OnOpen
     ) -> web.StreamResponse:
         proc = self.process(session.grant.name)
-        msg = req["lg_msg"]
+        msg = req[MESSAGE]
         flow.forwarded_at = time.perf_counter()
         if on_open is not None:
             cached = proc.cached_initialize(msg)
