@@ -1,0 +1,598 @@
+"""The embedded event log: one SQLite file (WAL mode) in the data dir.
+
+Layout::
+
+    records(offset INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, payload BLOB NOT NULL)
+    consumer_offsets(name TEXT PRIMARY KEY, next_offset INTEGER NOT NULL)
+    index records_ts on records(ts_ms)
+
+Threads: all writes run in one dedicated writer thread that owns the write connection;
+reads run in one reader thread with its own connection. The event loop never touches
+SQLite. Bookkeeping (pending batch, in-flight batch, waiters) lives on the event loop
+thread only, so it needs no locks; the threads receive whole batches and report back
+with one ``call_soon_threadsafe`` per job.
+
+Group commit: ``append()`` adds its payloads to the pending batch. While a transaction
+is in flight, every caller lands in the same pending batch, which becomes the next
+single transaction (one ``executemany`` and one fsync) once the in-flight one is
+done. The writer assigns offsets inside the transaction (``max(offset) + 1``), so
+offsets are dense and a failed transaction consumes none.
+
+Durability: both modes use ``PRAGMA synchronous=FULL`` (every commit fsyncs the WAL).
+``strict``: ``append()`` returns the offset of its last record after the commit.
+``batched``: ``append()`` returns at once with the offset its last record will get; a
+timer commits the batch within ``flush_interval_ms``; ``flush()`` waits for everything
+appended so far. If a batched commit fails, its records stay queued (in order, same
+offsets) and are retried with backoff; meanwhile ``append()`` raises ``LogUnavailable``
+and ``flush()`` raises the failure.
+
+Callers must know:
+- An instance is bound to the event loop that called ``open()``; use it from that loop.
+- ``close()`` commits what is queued, ends running ``tail()`` iterators, then stops the
+  threads; appends after close() began raise ``LogUnavailable``.
+- A cancelled strict ``append()`` may still be committed (like a lost ack).
+- Several instances/processes may share the file (strict offsets stay dense: the writer
+  assigns them inside the transaction); batched ``append()`` return values assume this
+  instance is the only writer. ``tail()`` wakes at once on this instance's commits and
+  polls every ``tail_poll_s`` (1 s) for other writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from itertools import chain, repeat
+from pathlib import Path
+from typing import Any
+
+from eventlog.base import Durability, EventLog, LogUnavailable, Record
+
+__all__ = ["SqliteEventLog"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    offset INTEGER PRIMARY KEY,
+    ts_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_ts ON records(ts_ms);
+CREATE TABLE IF NOT EXISTS consumer_offsets (
+    name TEXT PRIMARY KEY,
+    next_offset INTEGER NOT NULL
+);
+"""
+_LAST = "SELECT offset, ts_ms FROM records ORDER BY offset DESC LIMIT 1"
+# Multi-row INSERTs: one sqlite3_step (and one GIL release) per chunk instead of per row.
+# Chunk sizes are powers of two (<= 256 rows, 768 parameters: under SQLite's historical
+# 999-parameter limit), so at most 9 distinct statements end up in the statement cache.
+_CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+_INSERTS = {
+    k: "INSERT INTO records(offset, ts_ms, payload) VALUES " + ",".join(["(?,?,?)"] * k) for k in _CHUNKS
+}
+_READ = "SELECT offset, payload FROM records WHERE offset >= ? ORDER BY offset LIMIT ?"
+_SINCE = "SELECT offset FROM records WHERE ts_ms >= ? ORDER BY ts_ms, offset LIMIT 1"
+_COMMIT = (
+    "INSERT INTO consumer_offsets(name, next_offset) VALUES (?, ?) "
+    "ON CONFLICT(name) DO UPDATE SET next_offset = excluded.next_offset"
+)
+_COMMITTED = "SELECT next_offset FROM consumer_offsets WHERE name = ?"
+
+# batched mode: above this many queued records, append() waits for a flush (back-pressure).
+_BATCHED_HIGH_WATER = 100_000
+_RETRY_MIN_S = 0.05
+_RETRY_MAX_S = 1.0
+
+_NEW, _OPEN, _CLOSING, _CLOSED = range(4)
+
+
+class _Worker:
+    """One daemon thread running jobs in order; results go back to the loop thread."""
+
+    def __init__(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], Callable[[Any, BaseException | None], None]] | None
+        ] = queue.SimpleQueue()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, done = job
+            try:
+                result, exc = fn(), None
+            except BaseException as e:  # reported to the loop, never lost
+                result, exc = None, e
+            try:
+                self._loop.call_soon_threadsafe(done, result, exc)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def post(self, fn: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """Run fn() in the thread; then done(result, exc) on the loop thread."""
+        if self._stopped:
+            raise sqlite3.OperationalError("connection closed")
+        self._jobs.put((fn, done))
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        fut = self._loop.create_future()
+
+        def done(result: Any, exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(exc)
+
+        self.post(fn, done)
+        return await fut
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self._jobs.put(None)
+
+    @staticmethod
+    def stop_all(*workers: _Worker) -> None:
+        for w in workers:
+            w.stop()
+
+
+def _insert(conn: sqlite3.Connection, base: int, ts: int, payloads: list[bytes]) -> None:
+    i, n = 0, len(payloads)
+    for k in _CHUNKS:
+        sql = _INSERTS[k]
+        while n - i >= k:
+            conn.execute(
+                sql,
+                tuple(
+                    chain.from_iterable(zip(range(base + i, base + i + k), repeat(ts), payloads[i : i + k]))
+                ),
+            )
+            i += k
+
+
+class _Batch:
+    """Records that will be committed in one transaction, and who waits for it."""
+
+    __slots__ = ("first", "payloads", "urgent", "waiters")
+
+    def __init__(self, first: int, urgent: bool) -> None:
+        self.first = first  # batched mode: the offset promised to payloads[0]
+        self.payloads: list[bytes] = []
+        # (future, index of the caller's last record in payloads; -1 for flush waiters)
+        self.waiters: list[tuple[asyncio.Future[int], int]] = []
+        self.urgent = urgent  # commit as soon as the writer is free
+
+
+class SqliteEventLog(EventLog):
+    """Append-only log in one SQLite file. See the module docstring.
+
+    Bound to the event loop that calls ``open()``; use it from that loop only.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        durability: Durability = "strict",
+        flush_interval_ms: float = 5.0,
+        *,
+        busy_timeout_ms: int = 5_000,
+        tail_poll_s: float = 1.0,
+    ) -> None:
+        if durability not in ("strict", "batched"):
+            raise ValueError(f"durability must be 'strict' or 'batched', not {durability!r}")
+        if flush_interval_ms <= 0:
+            raise ValueError("flush_interval_ms must be > 0")
+        self.path = Path(path)
+        self.durability = durability
+        self.flush_interval_ms = float(flush_interval_ms)
+        self.busy_timeout_ms = int(busy_timeout_ms)
+        self.tail_poll_s = float(tail_poll_s)
+        self._strict = durability == "strict"
+        self._state = _NEW
+        self._open_error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: _Worker | None = None
+        self._reader: _Worker | None = None
+        self._wconn: sqlite3.Connection | None = None  # writer thread only
+        self._rconn: sqlite3.Connection | None = None  # reader thread only
+        # loop-thread state
+        self._pending: _Batch | None = None
+        self._inflight: _Batch | None = None
+        self._kick_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._assigned_end = 0  # batched: offset the next appended record gets
+        self._error: LogUnavailable | None = None  # batched: last commit failed, retrying
+        self._retry_s = _RETRY_MIN_S
+        self._committed = asyncio.Event()  # replaced after each commit; tails wait on it
+
+    def __repr__(self) -> str:
+        return f"SqliteEventLog({str(self.path)!r}, durability={self.durability!r})"
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._state == _OPEN:
+            return
+        if self._state != _NEW:
+            raise LogUnavailable(f"event log {self.path}: closed")
+        self._loop = asyncio.get_running_loop()
+        self._writer = _Worker(f"eventlog-writer:{self.path.name}", self._loop)
+        self._reader = _Worker(f"eventlog-reader:{self.path.name}", self._loop)
+        # a log dropped without close() must not leave its two threads waiting forever
+        weakref.finalize(self, _Worker.stop_all, self._writer, self._reader)
+        try:
+            end = await self._writer.call(self._w_open)
+            await self._reader.call(self._r_open)
+        except (sqlite3.Error, OSError) as e:
+            self._open_error = e
+            await self._shutdown_threads()
+            self._state = _CLOSED
+            raise self._unavailable(e) from e
+        self._assigned_end = end
+        self._state = _OPEN
+
+    async def close(self) -> None:
+        """Commit what is queued, then release the threads and connections.
+
+        Appends started after close() began raise LogUnavailable; running tails end.
+        If the final commit fails (batched mode), resources are still released, the
+        queued records are lost, and close() raises LogUnavailable.
+        """
+        if self._state in (_CLOSING, _CLOSED):
+            return
+        if self._state == _NEW:
+            self._state = _CLOSED
+            return
+        self._state = _CLOSING
+        err: LogUnavailable | None = None
+        try:
+            await self.flush()
+        except LogUnavailable as e:
+            err = e
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending is not None:  # only after a failed final flush
+            lost, self._pending = self._pending, None
+            log.error("event log %s: %d queued records lost at close", self.path, len(lost.payloads))
+            self._fail_waiters(lost, err or LogUnavailable(f"event log {self.path}: closed"))
+        await self._shutdown_threads()
+        self._state = _CLOSED
+        self._wake_tails()
+        if err is not None:
+            raise err
+
+    async def _shutdown_threads(self) -> None:
+        for worker, fn in ((self._writer, self._w_close), (self._reader, self._r_close)):
+            if worker is None:
+                continue
+            try:
+                await worker.call(fn)
+            except sqlite3.Error as e:  # pragma: no cover - close errors are not actionable
+                log.warning("event log %s: close: %s", self.path, e)
+            worker.stop()
+        self._writer = self._reader = None
+
+    # ---- thread-side functions (writer) ---------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout_ms / 1000)
+        conn.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
+        return conn
+
+    def _w_open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot switch to WAL mode (journal_mode={mode})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA journal_size_limit=67108864")
+            conn.executescript(_SCHEMA)
+            row = conn.execute(_LAST).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        self._wconn = conn
+        return 0 if row is None else row[0] + 1
+
+    def _w_close(self) -> None:
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
+
+    def _w_write(self, payloads: list[bytes]) -> int:
+        """Insert payloads at the end in one transaction; return the first offset."""
+        conn = self._wconn
+        if conn is None:
+            raise sqlite3.OperationalError("connection closed")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute(_LAST).fetchone()
+            now = time.time_ns() // 1_000_000
+            if row is None:
+                base, ts = 0, now
+            else:  # ts_ms never decreases along offsets, so first_offset_since is exact
+                base, ts = row[0] + 1, max(now, row[1])
+            _insert(conn, base, ts, payloads)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
+        return base
+
+    def _w_commit_offset(self, consumer: str, offset: int) -> None:
+        conn = self._wconn
+        if conn is None:
+            raise sqlite3.OperationalError("connection closed")
+        conn.execute(_COMMIT, (consumer, offset))
+
+    # ---- thread-side functions (reader) ---------------------------------------
+
+    def _r_open(self) -> None:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only=1")
+        self._rconn = conn
+
+    def _r_close(self) -> None:
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
+
+    def _rc(self) -> sqlite3.Connection:
+        if self._rconn is None:
+            raise sqlite3.OperationalError("connection closed")
+        return self._rconn
+
+    # ---- append / group commit (loop thread) ----------------------------------
+
+    def _unavailable(self, exc: BaseException | str) -> LogUnavailable:
+        return LogUnavailable(f"event log {self.path}: {exc}")
+
+    def _check_open(self) -> None:
+        if self._state != _OPEN:
+            if self._open_error is not None:
+                raise self._unavailable(self._open_error) from self._open_error
+            raise self._unavailable("not open" if self._state == _NEW else "closed")
+
+    async def append(self, payloads: Sequence[bytes]) -> int:
+        self._check_open()
+        n = len(payloads)
+        if n == 0:  # nothing to write: the offset of the last record appended so far
+            if self._strict:
+                await self.flush()
+                return await self.end_offset() - 1
+            return self._assigned_end - 1
+        for p in payloads:
+            if type(p) is not bytes:
+                raise TypeError(f"payloads must be bytes, not {type(p).__name__}")
+        if self._strict:
+            b = self._pending
+            if b is None:
+                b = self._pending = _Batch(0, urgent=True)
+                if self._inflight is None:
+                    self._schedule_kick()
+            b.payloads.extend(payloads)
+            fut: asyncio.Future[int] = self._loop.create_future()  # type: ignore[union-attr]
+            b.waiters.append((fut, len(b.payloads) - 1))
+            return await fut
+        # batched
+        if self._error is not None:
+            raise self._unavailable(self._error.__cause__ or self._error) from self._error
+        b = self._pending
+        if b is None:
+            b = self._pending = _Batch(self._assigned_end, urgent=False)
+            self._timer = self._loop.call_later(  # type: ignore[union-attr]
+                self.flush_interval_ms / 1000, self._on_timer
+            )
+        b.payloads.extend(payloads)
+        self._assigned_end += n
+        last = self._assigned_end - 1
+        if len(b.payloads) >= _BATCHED_HIGH_WATER:
+            await self.flush()
+        return last
+
+    def _schedule_kick(self) -> None:
+        # call_soon, not a direct kick: every task woken in this loop iteration gets
+        # to append first, so they all share the next transaction.
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            self._loop.call_soon(self._kick)  # type: ignore[union-attr]
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._pending is not None:
+            self._pending.urgent = True
+            if self._inflight is None:
+                self._kick()
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        b = self._pending
+        if self._inflight is not None or b is None:
+            return
+        if not b.payloads:
+            if b.waiters:  # flush waiters only: nothing to commit
+                self._pending = None
+                for fut, _ in b.waiters:
+                    if not fut.done():
+                        fut.set_result(-1)
+            return
+        self._pending = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._inflight = b
+        payloads = b.payloads
+        self._writer.post(  # type: ignore[union-attr]
+            lambda: self._w_write(payloads), lambda base, exc: self._on_commit(b, base, exc)
+        )
+
+    def _on_commit(self, b: _Batch, base: int | None, exc: BaseException | None) -> None:
+        self._inflight = None
+        if exc is None:
+            assert base is not None
+            for fut, idx in b.waiters:
+                if not fut.done():
+                    fut.set_result(base + idx)
+            if not self._strict:
+                self._error = None
+                self._retry_s = _RETRY_MIN_S
+                if base != b.first:
+                    log.warning(
+                        "event log %s: another writer appended; offsets returned by batched "
+                        "append() were off by %d",
+                        self.path,
+                        base - b.first,
+                    )
+                    self._assigned_end += base - b.first
+            self._wake_tails()
+        elif self._strict:
+            self._fail_waiters(b, exc)
+        else:
+            self._requeue(b, exc)
+        p = self._pending
+        if p is not None and (p.urgent or p.waiters):
+            self._schedule_kick()
+
+    def _fail_waiters(self, b: _Batch, exc: BaseException) -> None:
+        for fut, _ in b.waiters:
+            if not fut.done():
+                err = self._unavailable(exc)
+                err.__cause__ = exc
+                fut.set_exception(err)
+        b.waiters.clear()
+
+    def _requeue(self, b: _Batch, exc: BaseException) -> None:
+        """Batched: a commit failed. Keep its records first in line, retry later."""
+        self._error = self._unavailable(exc)
+        self._error.__cause__ = exc
+        log.warning("event log %s: commit failed, retrying in %.2fs: %s", self.path, self._retry_s, exc)
+        self._fail_waiters(b, exc)
+        p = self._pending
+        if p is not None:
+            b.payloads.extend(p.payloads)
+            b.waiters.extend(p.waiters)
+        b.urgent = False
+        self._pending = b
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._state == _OPEN:
+            self._timer = self._loop.call_later(self._retry_s, self._on_timer)  # type: ignore[union-attr]
+            self._retry_s = min(self._retry_s * 2, _RETRY_MAX_S)
+        else:
+            self._timer = None
+
+    async def flush(self) -> None:
+        if self._state == _NEW:
+            self._check_open()
+        b = self._pending if self._pending is not None else self._inflight
+        if b is None:
+            return
+        fut: asyncio.Future[int] = self._loop.create_future()  # type: ignore[union-attr]
+        b.waiters.append((fut, -1))
+        if b is self._pending:
+            b.urgent = True
+            if self._inflight is None:
+                self._schedule_kick()
+        await fut
+
+    def _wake_tails(self) -> None:
+        ev, self._committed = self._committed, asyncio.Event()
+        ev.set()
+
+    # ---- reads ----------------------------------------------------------------
+
+    async def _read_call(self, fn: Callable[[], Any]) -> Any:
+        reader = self._reader
+        if reader is None:
+            self._check_open()
+        try:
+            return await reader.call(fn)  # type: ignore[union-attr]
+        except sqlite3.Error as e:
+            raise self._unavailable(e) from e
+
+    async def read(self, offset: int, limit: int = 10_000) -> list[Record]:
+        def q() -> list[Record]:
+            rows = self._rc().execute(_READ, (offset, limit)).fetchall()
+            return [Record(o, p) for o, p in rows]
+
+        return await self._read_call(q)
+
+    async def end_offset(self) -> int:
+        def q() -> int:
+            row = self._rc().execute(_LAST).fetchone()
+            return 0 if row is None else row[0] + 1
+
+        return await self._read_call(q)
+
+    async def first_offset_since(self, ts_ms: int) -> int:
+        def q() -> int:
+            conn = self._rc()
+            row = conn.execute(_SINCE, (ts_ms,)).fetchone()
+            if row is not None:
+                return row[0]
+            last = conn.execute(_LAST).fetchone()
+            return 0 if last is None else last[0] + 1
+
+        return await self._read_call(q)
+
+    async def committed(self, consumer: str) -> int:
+        def q() -> int:
+            row = self._rc().execute(_COMMITTED, (consumer,)).fetchone()
+            return 0 if row is None else row[0]
+
+        return await self._read_call(q)
+
+    async def commit(self, consumer: str, offset: int) -> None:
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, not {offset}")
+        if self._writer is None:  # usable while close() drains, like the reads
+            self._check_open()
+        try:
+            await self._writer.call(lambda: self._w_commit_offset(consumer, offset))  # type: ignore[union-attr]
+        except sqlite3.Error as e:
+            raise self._unavailable(e) from e
+
+    async def tail(self, offset: int, batch: int = 10_000) -> AsyncIterator[list[Record]]:
+        """Endless batches from `offset`. Wakes on this instance's commits, and polls every
+        `tail_poll_s` for commits by other instances or processes. Ends when the log closes."""
+        while self._state in (_NEW, _OPEN, _CLOSING):
+            ev = self._committed  # taken before reading: a commit after the read sets it
+            try:
+                records = await self.read(offset, batch)
+            except LogUnavailable:
+                if self._state in (_CLOSING, _CLOSED):
+                    return
+                raise
+            if records:
+                yield records
+                offset = records[-1].offset + 1
+                continue
+            if self._state != _OPEN:
+                return
+            try:
+                async with asyncio.timeout(self.tail_poll_s):
+                    await ev.wait()
+            except TimeoutError:
+                pass
