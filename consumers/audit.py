@@ -1,0 +1,161 @@
+"""The audit consumer: folds the event log into the ClickHouse audit tables.
+
+At-least-once: a batch is read from the consumer's committed offset, inserted, and only
+then is the next offset committed; a crash in between re-inserts the batch on restart.
+That is harmless because the writes are idempotent (see schemas/clickhouse/001_audit.sql:
+ReplacingMergeTree keyed by the event's own fields ending in event_id, read with FINAL),
+so ``replay()`` from offset 0 never changes a forensic answer.
+
+Speed: payloads are validated as JSON objects (``decode_raw``) and then handed to
+ClickHouse as-is (JSONEachRow into the Null table ``audit_events_in``; materialized views
+route each kind into its table), so Python does no per-field work. Payloads that do
+not look like the gateway's compact JSON are parsed with ``decode_raw`` first.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from consumers.store import AuditStore, StoreError
+from eventlog.base import EventLog, Record
+from schemas.events import EVENT_KINDS, decode_raw
+
+log_ = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], Any]
+
+
+class LogConsumer:
+    """Shared loop of the log -> ClickHouse consumers (subclasses pick table and kinds)."""
+
+    table: str = ""
+    kinds: frozenset[str] = frozenset(EVENT_KINDS)
+
+    def __init__(self, log: EventLog, store: AuditStore, name: str, *, batch: int = 50_000) -> None:
+        if batch <= 0:
+            raise ValueError("batch must be > 0")
+        self.log = log
+        self.store = store
+        self.name = name
+        self.batch = batch
+        self.processed = 0  # records consumed (committed) by this instance
+        self.inserted = 0  # events written to ClickHouse by this instance
+        self.skipped = 0  # malformed or foreign records (logged, never retried)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, store={self.store!r})"
+
+    def _wanted(self, ev: Any) -> bool:
+        return isinstance(ev, dict) and isinstance(ev.get("event_id"), str) and ev.get("kind") in self.kinds
+
+    def select(self, records: Sequence[Record], *, strict: bool = False) -> list[bytes]:
+        """The payloads of ``records`` to insert (events of the wanted kinds).
+
+        Fast path: the gateway's compact orjson payloads are recognised by their bytes
+        (``"kind":"..."`` marker) and handed to ClickHouse unparsed. Anything else, and
+        every record when ``strict``, is parsed with ``decode_raw``; records that are not
+        JSON events are skipped and logged (never retried)."""
+        out: list[bytes] = []
+        markers = self._markers
+        for rec in records:
+            p = rec.payload
+            if not strict and p[:1] == b"{" and b'"event_id":"' in p:
+                hit = [m for m in markers if m in p]
+                if hit:
+                    out.append(p)
+                    continue
+                if b'"kind":"' in p:
+                    continue  # a kind this consumer does not want
+            try:
+                ev = decode_raw(p)
+            except orjson.JSONDecodeError:
+                self.skipped += 1
+                log_.warning("%s: offset %d is not JSON; skipped", self.name, rec.offset)
+                continue
+            if not isinstance(ev, dict) or not isinstance(ev.get("event_id"), str):
+                self.skipped += 1
+                log_.warning("%s: offset %d is not an event; skipped", self.name, rec.offset)
+                continue
+            if ev.get("kind") in self.kinds:
+                out.append(p)
+        return out
+
+    @property
+    def _markers(self) -> list[bytes]:
+        return [b'"kind":"' + k.encode() + b'"' for k in self.kinds]
+
+    async def process(self, records: Sequence[Record]) -> int:
+        """Insert one batch (no commit). Returns the number of events inserted.
+
+        If ClickHouse rejects the batch (a record the fast path let through is not valid
+        JSON), the batch is re-selected with full parsing and inserted once more."""
+        payloads = self.select(records)
+        if payloads:
+            try:
+                await self.store.insert_json(self.table, payloads)
+            except StoreError:
+                payloads = self.select(records, strict=True)
+                if payloads:
+                    await self.store.insert_json(self.table, payloads)
+        self.inserted += len(payloads)
+        return len(payloads)
+
+    async def _consume(self, records: Sequence[Record], *, commit: bool = True) -> None:
+        await self.process(records)
+        if commit:
+            await self.log.commit(self.name, records[-1].offset + 1)
+        self.processed += len(records)
+
+    async def run(self) -> None:
+        """Consume forever from the committed offset (cancel the task to stop)."""
+        offset = await self.log.committed(self.name)
+        async for records in self.log.tail(offset, self.batch):
+            if records:
+                await self._consume(records)
+
+    async def catch_up(self) -> int:
+        """Consume from the committed offset up to the current end; return records consumed."""
+        offset = await self.log.committed(self.name)
+        end = await self.log.end_offset()
+        done = 0
+        while offset < end:
+            records = await self.log.read(offset, min(self.batch, end - offset))
+            if not records:
+                break
+            await self._consume(records)
+            done += len(records)
+            offset = records[-1].offset + 1
+        return done
+
+    async def replay(self, from_offset: int = 0, progress: Progress | None = None) -> int:
+        """Re-insert every record from ``from_offset`` to the end (idempotent), then move
+        the committed offset forward to the end if it was behind. Returns records read.
+        ``progress(done, total)`` is called after each batch."""
+        end = await self.log.end_offset()
+        total = max(0, end - from_offset)
+        offset, done = from_offset, 0
+        while offset < end:
+            records = await self.log.read(offset, min(self.batch, end - offset))
+            if not records:
+                break
+            await self._consume(records, commit=False)
+            done += len(records)
+            offset = records[-1].offset + 1
+            if progress is not None:
+                progress(done, total)
+        if await self.log.committed(self.name) < offset:
+            await self.log.commit(self.name, offset)
+        return done
+
+
+class AuditConsumer(LogConsumer):
+    """Every event kind -> audit_calls / audit_outcomes / audit_sessions / audit_policy_loads."""
+
+    table = "audit_events_in"
+
+    def __init__(self, log: EventLog, store: AuditStore, name: str = "audit", *, batch: int = 50_000) -> None:
+        super().__init__(log, store, name, batch=batch)

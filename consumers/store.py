@@ -1,0 +1,196 @@
+"""The ClickHouse store of the consumers: one small interface, two backends.
+
+- ``consumers.store_chdb.ChdbStore``: the embedded engine (chDB) persisted in
+  ``data_dir/"clickhouse"``; every chDB call runs in one dedicated thread.
+- ``consumers.store_http.HttpStore``: a ClickHouse server over HTTP (clickhouse-connect).
+
+Both speak the same SQL (the DDL in ``schemas/clickhouse/*.sql`` and every forensic
+query run unchanged on both) and both bind parameters server-side: SQL text carries
+``{name:Type}`` placeholders and the values travel separately, never spliced into SQL.
+
+Query answers are normalised the same way by both backends: ``(columns, rows)`` with
+rows as tuples of plain Python values; DateTime/DateTime64 values are timezone-aware
+UTC ``datetime`` objects.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+SCHEMA_FILES = ("001_audit.sql", "002_counters.sql")
+
+Rows = list[tuple[Any, ...]]
+Answer = tuple[list[str], Rows]
+
+
+class StoreError(RuntimeError):
+    """A store operation failed (the message is ClickHouse's own error)."""
+
+
+class ReadOnlyError(StoreError):
+    """A read-only query tried to write, change settings, or run several statements."""
+
+
+def check_identifier(name: str) -> str:
+    """Table/column names are not parameters in ClickHouse: accept plain identifiers only."""
+    if not _IDENT.match(name):
+        raise ValueError(f"not a plain identifier: {name!r}")
+    return name
+
+
+def schema_statements() -> list[str]:
+    """The DDL statements of ``schemas/clickhouse/*.sql`` in file order (all idempotent)."""
+    out: list[str] = []
+    base = resources.files("schemas") / "clickhouse"
+    for name in SCHEMA_FILES:
+        text = (base / name).read_text(encoding="utf-8")
+        lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("--")]
+        current: list[str] = []
+        for ln in lines:
+            current.append(ln)
+            if ln.rstrip().endswith(";"):
+                stmt = "\n".join(current).strip().rstrip(";").strip()
+                if stmt:
+                    out.append(stmt)
+                current = []
+        rest = "\n".join(current).strip()
+        if rest:
+            out.append(rest)
+    return out
+
+
+def param_text(value: Any) -> str | None:
+    """A parameter value as ClickHouse parses it for ``{name:Type}`` (before escaping).
+
+    datetimes become UTC ``YYYY-MM-DD hh:mm:ss.ffffff`` (naive ones are taken as UTC),
+    bools ``true``/``false``, None stays None (NULL, for ``Nullable`` types),
+    lists/tuples ClickHouse array literals of their quoted items.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            t = param_text(item)
+            if t is None:
+                items.append("NULL")
+            elif isinstance(item, int | float) and not isinstance(item, bool):
+                items.append(t)
+            else:
+                items.append("'" + t.replace("\\", "\\\\").replace("'", "\\'") + "'")
+        return "[" + ",".join(items) + "]"
+    return str(value)
+
+
+def rows_to_json(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
+    """Rows as JSONEachRow bytes (datetimes as ISO 8601; inserts use best_effort parsing)."""
+    cols = [check_identifier(c) for c in columns]
+    return b"".join(
+        orjson.dumps(dict(zip(cols, row, strict=True)), option=orjson.OPT_APPEND_NEWLINE) for row in rows
+    )
+
+
+def normalize_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value
+
+
+class AuditStore(abc.ABC):
+    """Where consumers write and forensics read. Async; backends hide their threading."""
+
+    kind: str = ""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect (for chDB: start the engine thread and open the data dir)."""
+
+    async def ensure_schema(self) -> None:
+        """Create every audit/counter table and view if missing (idempotent)."""
+        for stmt in schema_statements():
+            await self.execute(stmt)
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:
+        """Run one statement that returns nothing (DDL, INSERT ... SELECT, OPTIMIZE)."""
+
+    @abc.abstractmethod
+    async def insert_json(self, table: str, lines: Sequence[bytes]) -> int:
+        """Insert JSONEachRow lines (each one JSON object, with or without a trailing
+        newline); unknown keys are ignored, JSON null becomes the column default.
+        Returns the number of lines sent."""
+
+    async def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> int:
+        """Insert rows (tuples in ``columns`` order)."""
+        if not rows:
+            return 0
+        return await self.insert_json(table, [rows_to_json(columns, rows)])
+
+    @abc.abstractmethod
+    async def query(
+        self, sql: str, params: Mapping[str, Any] | None = None, *, readonly: bool = False
+    ) -> Answer:
+        """Run one SELECT with server-side ``{name:Type}`` parameters.
+
+        readonly=True runs it under ClickHouse's ``readonly=1`` setting (writes, DDL,
+        settings changes and table functions are refused by the engine) and raises
+        ReadOnlyError when refused.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the connection (for chDB: the data dir and the engine thread)."""
+
+    async def __aenter__(self) -> AuditStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def is_readonly_refusal(message: str) -> bool:
+    return "READONLY" in message or "Code: 164" in message
+
+
+async def open_store(spec: str, data_dir: Path | str) -> AuditStore:
+    """Open (and create the schema of) the store named by ``spec``.
+
+    ``"embedded"`` (or ``""``): chDB persisted in ``data_dir/"clickhouse"``.
+    ``http://...`` / ``https://...``: a ClickHouse server (user, password and database
+    may be given in the URL: ``http://user:pw@host:8123/db``).
+    """
+    spec = (spec or "embedded").strip()
+    if spec == "embedded":
+        from consumers.store_chdb import ChdbStore
+
+        store: AuditStore = ChdbStore(Path(data_dir) / "clickhouse")
+    elif spec.startswith(("http://", "https://")):
+        from consumers.store_http import HttpStore
+
+        store = HttpStore(spec)
+    else:
+        raise ValueError(f"store spec must be 'embedded' or an http(s) URL, not {spec!r}")
+    try:
+        await store.open()
+        await store.ensure_schema()
+    except BaseException:
+        await store.close()
+        raise
+    return store
