@@ -30,15 +30,21 @@ def build_upstreams(cfg: Config) -> dict[str, Upstream]:
     ups: dict[str, Upstream] = {}
     for name, srv in cfg.servers.items():
         if srv.url is not None:
-            ups[name] = HttpUpstream(name, srv.url, cfg.gateway.upstream_timeout_s, cfg.gateway.max_body_bytes)
+            ups[name] = HttpUpstream(
+                name, srv.url, cfg.gateway.upstream_timeout_s, cfg.gateway.max_body_bytes
+            )
         else:
             cwd = str(cfg.resolve(srv.cwd)) if srv.cwd else None
             ups[name] = StdioUpstream(name, cfg.command(name), srv.env, cwd, cfg.gateway.upstream_timeout_s)
     return ups
 
 
-def build_app(cfg: Config, addons: list[Addon] | None = None, background: list[Any] | None = None,
-              clock: Callable[[], float] = time.time) -> web.Application:
+def build_app(
+    cfg: Config,
+    addons: list[Addon] | None = None,
+    background: list[Any] | None = None,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
     """The gateway app. `addons` hook into every flow (audit, metrics); `background` are
     extra coroutine factories (consumers) run for the app's lifetime."""
     chain = AddonChain(addons)
@@ -52,8 +58,8 @@ def build_app(cfg: Config, addons: list[Addon] | None = None, background: list[A
         addons=chain,
         max_body_bytes=cfg.gateway.max_body_bytes,
         session_idle_timeout_s=cfg.gateway.session_idle_timeout_s,
-        allowed_hosts=cfg.gateway.allowed_hosts + ([cfg.gateway.host] if cfg.gateway.host not in
-                                                   ("0.0.0.0", "::", "") else []),
+        allowed_hosts=cfg.gateway.allowed_hosts
+        + ([cfg.gateway.host] if cfg.gateway.host not in ("0.0.0.0", "::", "") else []),
         allowed_origins=cfg.gateway.allowed_origins,
         clock=clock,
     )

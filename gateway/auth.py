@@ -23,9 +23,7 @@ class Authenticator:
 
     @classmethod
     def from_config(cls, cfg: Config) -> Authenticator:
-        return cls(
-            [Grant(name, g.agent or name, bytes.fromhex(g.digest)) for name, g in cfg.grants.items()]
-        )
+        return cls([Grant(name, g.agent or name, bytes.fromhex(g.digest)) for name, g in cfg.grants.items()])
 
     def authenticate(self, authorization: str | None) -> Grant | None:
         """The grant whose key is the bearer token, else None.

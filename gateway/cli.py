@@ -20,7 +20,9 @@ def _check(cfg_path: str) -> tuple[Config, list[str]]:
         notes.append(f"server {name}: policy {cfg.policy_path(name)} (version {pol.version[:12]}) ok")
     for name, grant in cfg.grants.items():
         if grant.key is not None:
-            notes.append(f"grant {name}: WARNING: plain-text key in the config (use key_sha256 outside demos)")
+            notes.append(
+                f"grant {name}: WARNING: plain-text key in the config (use key_sha256 outside demos)"
+            )
     return cfg, notes
 
 
@@ -53,18 +55,78 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.gateway.listen = args.listen
     app = build_app(cfg)
     host, port = cfg.gateway.host, cfg.gateway.port
+    print(banner(cfg), flush=True)
     for name, srv in cfg.servers.items():
-        log.info("serving %s (%s) at http://%s:%d/mcp/%s", name, srv.url or " ".join(cfg.command(name)),
-                 host, port, name)
+        log.info(
+            "serving %s (%s) at http://%s:%d/mcp/%s",
+            name,
+            srv.url or " ".join(cfg.command(name)),
+            host,
+            port,
+            name,
+        )
     try:
         import uvloop  # type: ignore[import-not-found]
 
         loop_factory = uvloop.new_event_loop
     except ImportError:
         loop_factory = None
-    web.run_app(app, host=host, port=port, print=None, access_log=None,
-                handler_cancellation=True, loop=loop_factory() if loop_factory else None)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        handler_cancellation=True,
+        loop=loop_factory() if loop_factory else None,
+    )
     return 0
+
+
+SNIPPET = """\
+    import asyncio, httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    async def main():
+        http = httpx2.AsyncClient(headers={{"Authorization": "Bearer {key}"}})
+        async with Client(streamable_http_client("{url}", http_client=http)) as c:
+            print([t.name for t in (await c.list_tools()).tools])
+            for i in range(12):
+                r = await c.call_tool("open_session", {{}})
+                print(i + 1, r.content[0].text)
+
+    asyncio.run(main())"""
+
+
+def banner(cfg: Config) -> str:
+    host = cfg.gateway.host if cfg.gateway.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    base = f"http://{host}:{cfg.gateway.port}"
+    lines = ["", f"ledgergate {_version()} listening on {base}"]
+    for name in cfg.servers:
+        lines.append(f"  server {name:<12} {base}/mcp/{name}   (policy {cfg.policy_path(name)})")
+    demo = [(n, g) for n, g in cfg.grants.items() if g.key is not None]
+    for name, grant in demo:
+        lines.append(f"  demo key of grant {name!r} (agent {grant.agent or name!r}): {grant.key}")
+    if demo:
+        server = next(iter(cfg.servers))
+        lines += [
+            "",
+            "Connect with the official MCP SDK (in this venv: .venv/bin/python examples/client.py):",
+            "",
+            SNIPPET.format(key=demo[0][1].key, url=f"{base}/mcp/{server}"),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ledgergate")
+    except PackageNotFoundError:
+        return "dev"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,11 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.set_defaults(fn=cmd_check)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     return int(args.fn(args) or 0)
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

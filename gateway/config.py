@@ -72,7 +72,7 @@ class ServerSection(_Section):
     @model_validator(mode="after")
     def _one_transport(self) -> ServerSection:
         if (self.url is None) == (self.command is None):
-            raise ValueError("give exactly one of url = \"http://.../mcp\" or command = [...]")
+            raise ValueError('give exactly one of url = "http://.../mcp" or command = [...]')
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError("url must start with http:// or https://")
         if self.command is not None and not self.command:
@@ -92,7 +92,7 @@ class GrantSection(_Section):
     @model_validator(mode="after")
     def _one_key(self) -> GrantSection:
         if (self.key is None) == (self.key_sha256 is None):
-            raise ValueError("give exactly one of key_sha256 = \"...\" or key = \"...\" (demos only)")
+            raise ValueError('give exactly one of key_sha256 = "..." or key = "..." (demos only)')
         if self.key_sha256 is not None:
             h = self.key_sha256.lower()
             if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
@@ -199,7 +199,7 @@ def parse_config(data: dict[str, Any], source: Path, environ: dict[str, str] | N
     cfg.source = source.resolve()
     if not cfg.servers:
         raise ConfigError(source, "servers", "define at least one [servers.NAME] section")
-    for name, srv in cfg.servers.items():
+    for name in cfg.servers:
         if not cfg.policy_path(name).is_file():
             raise ConfigError(source, f"servers.{name}.policy", f"no such file: {cfg.policy_path(name)}")
     digests: dict[str, str] = {}

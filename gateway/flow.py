@@ -43,8 +43,9 @@ class CallFlow:
         args = self.params.get("arguments")
         return args if isinstance(args, dict) else None
 
-    def finish(self, outcome: str, *, code: int | None = None, message: str | None = None,
-               nbytes: int = 0) -> None:
+    def finish(
+        self, outcome: str, *, code: int | None = None, message: str | None = None, nbytes: int = 0
+    ) -> None:
         self.outcome = outcome
         self.error_code = code
         self.error_message = message

@@ -39,8 +39,8 @@ def parse(body: bytes) -> tuple[dict[str, Any], Kind]:
     if isinstance(msg, list):
         raise InvalidMessage(
             INVALID_REQUEST,
-            "Invalid Request: JSON-RPC batching is not supported by the MCP protocol (removed in 2025-06-18); "
-            "send one message per POST",
+            "Invalid Request: JSON-RPC batching is not supported by the MCP protocol "
+            "(removed in 2025-06-18); send one message per POST",
         )
     if not isinstance(msg, dict):
         raise InvalidMessage(INVALID_REQUEST, "Invalid Request: the body must be one JSON-RPC 2.0 object")
@@ -57,7 +57,9 @@ def classify(msg: dict[str, Any]) -> Kind:
             raise InvalidMessage(INVALID_REQUEST, 'Invalid Request: "method" must be a string', _safe_id(mid))
         params = msg.get("params")
         if params is not None and not isinstance(params, dict):
-            raise InvalidMessage(INVALID_REQUEST, 'Invalid Request: "params" must be an object', _safe_id(mid))
+            raise InvalidMessage(
+                INVALID_REQUEST, 'Invalid Request: "params" must be an object', _safe_id(mid)
+            )
         if "id" not in msg:
             return Kind.NOTIFICATION
         if not isinstance(mid, (str, int)) or isinstance(mid, bool):

@@ -87,24 +87,34 @@ class Proxy:
 
     def _front(self, req: web.Request) -> tuple[Grant, str] | web.Response:
         if not self._host_ok(req):
-            return error_response(403, jsonrpc.INVALID_REQUEST,
-                                  "Forbidden: Host or Origin not allowed (DNS rebinding protection)")
+            return error_response(
+                403,
+                jsonrpc.INVALID_REQUEST,
+                "Forbidden: Host or Origin not allowed (DNS rebinding protection)",
+            )
         grant = self.auth.authenticate(req.headers.get("Authorization"))
         if grant is None:
             why = "missing" if "Authorization" not in req.headers else "invalid"
             return error_response(
-                401, jsonrpc.INVALID_REQUEST, f"Unauthorized: {why} bearer key",
-                headers={"WWW-Authenticate": f'Bearer realm="ledgergate", error="invalid_token", '
-                                             f'error_description="{why} bearer key"'},
+                401,
+                jsonrpc.INVALID_REQUEST,
+                f"Unauthorized: {why} bearer key",
+                headers={
+                    "WWW-Authenticate": f'Bearer realm="ledgergate", error="invalid_token", '
+                    f'error_description="{why} bearer key"'
+                },
             )
         server = req.match_info["server"]
         if server not in self.upstreams:
             return error_response(404, jsonrpc.INVALID_REQUEST, f"Not Found: no MCP server named {server!r}")
         version = req.headers.get("MCP-Protocol-Version")
         if version is not None and version not in SUPPORTED_VERSIONS:
-            hint = " (the stateless 2026-07-28 revision is not served yet)" if version in MODERN_VERSIONS else ""
+            hint = (
+                " (the stateless 2026-07-28 revision is not served yet)" if version in MODERN_VERSIONS else ""
+            )
             return error_response(
-                400, jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
+                400,
+                jsonrpc.UNSUPPORTED_PROTOCOL_VERSION,
                 f"Bad Request: unsupported MCP-Protocol-Version {version!r}{hint}",
                 data={"supported": sorted(SUPPORTED_VERSIONS), "requested": version},
             )
@@ -113,15 +123,21 @@ class Proxy:
     def _session(self, req: web.Request, grant: Grant, server: str) -> Session | web.Response:
         sid = req.headers.get("Mcp-Session-Id")
         if not sid:
-            return error_response(400, jsonrpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required")
+            return error_response(
+                400, jsonrpc.INVALID_REQUEST, "Bad Request: Mcp-Session-Id header is required"
+            )
         s = self.sessions.get(sid)
         if s is None or s.server != server or s.grant is not grant:
-            return error_response(404, jsonrpc.INVALID_REQUEST,
-                                  "Not Found: unknown or expired session; initialize a new one")
+            return error_response(
+                404, jsonrpc.INVALID_REQUEST, "Not Found: unknown or expired session; initialize a new one"
+            )
         if s.state.get("upstream_gone"):
             self._close(s, "upstream_gone")
-            return error_response(404, jsonrpc.INVALID_REQUEST,
-                                  "Not Found: the upstream ended this session; initialize a new one")
+            return error_response(
+                404,
+                jsonrpc.INVALID_REQUEST,
+                "Not Found: the upstream ended this session; initialize a new one",
+            )
         s.touch()
         return s
 
@@ -159,7 +175,9 @@ class Proxy:
             return front
         grant, server = front
         if "text/event-stream" not in req.headers.get("Accept", ""):
-            return error_response(406, jsonrpc.INVALID_REQUEST, "Not Acceptable: GET needs Accept: text/event-stream")
+            return error_response(
+                406, jsonrpc.INVALID_REQUEST, "Not Acceptable: GET needs Accept: text/event-stream"
+            )
         session = self._session(req, grant, server)
         if isinstance(session, web.Response):
             return session
@@ -185,13 +203,19 @@ class Proxy:
 
     # ---- the call path ----------------------------------------------------------------------
 
-    async def _initialize(self, req: web.Request, msg: dict[str, Any], grant: Grant, server: str,
-                          upstream: Upstream) -> web.StreamResponse:
+    async def _initialize(
+        self, req: web.Request, msg: dict[str, Any], grant: Grant, server: str, upstream: Upstream
+    ) -> web.StreamResponse:
         params = msg.get("params") or {}
         info = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
         session = Session(
-            id=new_session_id(), server=server, grant=grant, remote=req.remote,
-            protocol_version=params.get("protocolVersion") if isinstance(params.get("protocolVersion"), str) else None,
+            id=new_session_id(),
+            server=server,
+            grant=grant,
+            remote=req.remote,
+            protocol_version=params.get("protocolVersion")
+            if isinstance(params.get("protocolVersion"), str)
+            else None,
             client_name=str(info.get("name")) if info.get("name") is not None else None,
             client_version=str(info.get("version")) if info.get("version") is not None else None,
         )
@@ -202,29 +226,61 @@ class Proxy:
 
         return await self._call(req, msg, grant, server, session, upstream, on_open)
 
-    async def _call(self, req: web.Request, msg: dict[str, Any], grant: Grant, server: str, session: Session,
-                    upstream: Upstream, on_open: Callable[[Session], None] | None = None) -> web.StreamResponse:
+    async def _call(
+        self,
+        req: web.Request,
+        msg: dict[str, Any],
+        grant: Grant,
+        server: str,
+        session: Session,
+        upstream: Upstream,
+        on_open: Callable[[Session], None] | None = None,
+    ) -> web.StreamResponse:
         method: str = msg["method"]
         params = msg.get("params")
-        flow = CallFlow(server=server, method=method, request_id=msg["id"], params=params, grant=grant,
-                        session=session, remote=req.remote)
+        flow = CallFlow(
+            server=server,
+            method=method,
+            request_id=msg["id"],
+            params=params,
+            grant=grant,
+            session=session,
+            remote=req.remote,
+        )
         policy = self.policies[server]
         flow.policy_version = policy.version
         if method == "tools/call":
             name = params.get("name") if params else None
             if not isinstance(name, str) or not name:
-                return error_response(200, jsonrpc.INVALID_PARAMS,
-                                      "Invalid params: tools/call needs params.name (a string)", msg["id"])
+                return error_response(
+                    200,
+                    jsonrpc.INVALID_PARAMS,
+                    "Invalid params: tools/call needs params.name (a string)",
+                    msg["id"],
+                )
             args = params.get("arguments") if params else None
             if args is not None and not isinstance(args, dict):
-                return error_response(200, jsonrpc.INVALID_PARAMS,
-                                      "Invalid params: tools/call params.arguments must be an object", msg["id"])
+                return error_response(
+                    200,
+                    jsonrpc.INVALID_PARAMS,
+                    "Invalid params: tools/call params.arguments must be an object",
+                    msg["id"],
+                )
             flow.tool = name
         limiter = self.limiters[server]
         decision = decide(
-            Call(server=server, method=method, tool=flow.tool, grant=grant.name, agent=grant.agent,
-                 session=session.id, arguments=flow.arguments),
-            policy, limiter.view(), self.clock(),
+            Call(
+                server=server,
+                method=method,
+                tool=flow.tool,
+                grant=grant.name,
+                agent=grant.agent,
+                session=session.id,
+                arguments=flow.arguments,
+            ),
+            policy,
+            limiter.view(),
+            self.clock(),
         )
         limiter.charge(decision)  # no await between decide and charge: atomic in asyncio
         flow.decision = decision
@@ -232,11 +288,15 @@ class Proxy:
             await self.addons.decided(flow)
         except Exception as exc:
             log.error("decision of %s %s could not be recorded, not forwarding: %s", server, method, exc)
-            flow.finish("upstream_error", code=jsonrpc.INTERNAL_ERROR, message=f"audit log unavailable: {exc}")
+            flow.finish(
+                "upstream_error", code=jsonrpc.INTERNAL_ERROR, message=f"audit log unavailable: {exc}"
+            )
             return error_response(
-                503, jsonrpc.INTERNAL_ERROR,
+                503,
+                jsonrpc.INTERNAL_ERROR,
                 "Service Unavailable: the audit log cannot record this call, so it was not forwarded",
-                msg["id"], {"reason": str(exc)},
+                msg["id"],
+                {"reason": str(exc)},
             )
         try:
             if not decision.allowed:
@@ -265,18 +325,30 @@ class Proxy:
             "decision": decision.action,
             "rule": decision.rule,
             "reason": decision.reason,
-            "counter": None if blocking is None else {
-                "name": blocking.key.counter, "scope": blocking.key.scope, "key": blocking.key.key,
-                "count": blocking.count, "max": blocking.max, "window_s": blocking.key.window_s,
+            "counter": None
+            if blocking is None
+            else {
+                "name": blocking.key.counter,
+                "scope": blocking.key.scope,
+                "key": blocking.key.key,
+                "count": blocking.count,
+                "max": blocking.max,
+                "window_s": blocking.key.window_s,
             },
             "retry_after_s": None if decision.retry_after_s is None else round(decision.retry_after_s, 3),
         }
         flow.finish("refused", message=text)
         headers = {"Mcp-Session-Id": flow.session.id} if flow.session is not None else None
         if flow.method == "tools/call":
-            result = {"content": [{"type": "text", "text": text}], "isError": True, "structuredContent": detail}
+            result = {
+                "content": [{"type": "text", "text": text}],
+                "isError": True,
+                "structuredContent": detail,
+            }
             return json_response({"jsonrpc": "2.0", "id": flow.request_id, "result": result}, headers=headers)
-        return json_response(jsonrpc.error(flow.request_id, jsonrpc.POLICY_REFUSED, text, detail), headers=headers)
+        return json_response(
+            jsonrpc.error(flow.request_id, jsonrpc.POLICY_REFUSED, text, detail), headers=headers
+        )
 
     def _tools_filter(self, server: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         policy = self.policies[server]
@@ -306,8 +378,11 @@ class Proxy:
         return b"".join(chunks)
 
     def _too_large(self) -> web.Response:
-        return error_response(413, jsonrpc.INVALID_REQUEST,
-                              f"Payload Too Large: the body exceeds max_body_bytes ({self.max_body_bytes})")
+        return error_response(
+            413,
+            jsonrpc.INVALID_REQUEST,
+            f"Payload Too Large: the body exceeds max_body_bytes ({self.max_body_bytes})",
+        )
 
     def _close(self, session: Session, reason: str) -> None:
         if self.sessions.remove(session.id) is not None:
@@ -335,7 +410,8 @@ class Proxy:
 
 def health(proxy: Proxy) -> Callable[[web.Request], Any]:
     async def handler(req: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps({"ok": True, "sessions": len(proxy.sessions)}),
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps({"ok": True, "sessions": len(proxy.sessions)}), content_type="application/json"
+        )
 
     return handler

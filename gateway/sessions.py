@@ -65,8 +65,7 @@ class SessionRegistry:
         """Remove and return the sessions idle for longer than the timeout."""
         now = self._clock()
         gone = [
-            s for s in self._sessions.values()
-            if s.active <= 0 and now - s.last_seen > self.idle_timeout_s
+            s for s in self._sessions.values() if s.active <= 0 and now - s.last_seen > self.idle_timeout_s
         ]
         for s in gone:
             del self._sessions[s.id]

@@ -43,7 +43,9 @@ class Upstream(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request) -> web.StreamResponse:
+    async def send(
+        self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request
+    ) -> web.StreamResponse:
         """Forward a notification or a response from the client; answer 202 or the upstream's status."""
 
     @abc.abstractmethod
@@ -54,16 +56,23 @@ class Upstream(abc.ABC):
     async def end_session(self, session: Session, req: web.Request) -> web.StreamResponse:
         """DELETE: end the session upstream too."""
 
-    def session_closed(self, session: Session) -> None:
+    def session_closed(self, session: Session) -> None:  # noqa: B027 - optional hook
         """The gateway dropped the session (DELETE, expiry, shutdown): free what it holds."""
 
 
-def json_response(payload: dict[str, Any] | bytes, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> web.Response:
+def json_response(
+    payload: dict[str, Any] | bytes, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
     return web.Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
-def error_response(status: int, code: int, message: str, id: Any = None, data: Any = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int,
+    code: int,
+    message: str,
+    id: Any = None,
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     return json_response(jsonrpc.error_bytes(id, code, message, data), status=status, headers=headers)

@@ -64,8 +64,14 @@ class HttpUpstream(Upstream):
 
     def _failure(self, exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, asyncio.TimeoutError):
-            return jsonrpc.UPSTREAM_TIMEOUT, f"upstream {self.name!r} did not answer within {self.timeout_s:g} s"
-        return jsonrpc.UPSTREAM_UNAVAILABLE, f"upstream {self.name!r} unreachable: {exc.__class__.__name__}: {exc}"
+            return (
+                jsonrpc.UPSTREAM_TIMEOUT,
+                f"upstream {self.name!r} did not answer within {self.timeout_s:g} s",
+            )
+        return (
+            jsonrpc.UPSTREAM_UNAVAILABLE,
+            f"upstream {self.name!r} unreachable: {exc.__class__.__name__}: {exc}",
+        )
 
     def _resp_headers(self, up: aiohttp.ClientResponse, session: Session | None) -> dict[str, str]:
         h = {k: v for k in _FORWARD_RESP if (v := up.headers.get(k)) is not None}
@@ -98,8 +104,12 @@ class HttpUpstream(Upstream):
             if ctype.startswith("application/json") and flow.outcome is None:
                 data = self._observe_json(flow, data, transform)
             elif flow.outcome is None:
-                flow.finish("upstream_error", code=up.status, message=f"upstream answered HTTP {up.status}",
-                            nbytes=len(data))
+                flow.finish(
+                    "upstream_error",
+                    code=up.status,
+                    message=f"upstream answered HTTP {up.status}",
+                    nbytes=len(data),
+                )
             return web.Response(body=data, status=up.status, headers=self._resp_headers(up, session))
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
@@ -122,7 +132,12 @@ class HttpUpstream(Upstream):
         return data
 
     async def _relay_sse(
-        self, flow: CallFlow, req: web.Request, up: aiohttp.ClientResponse, session: Session, transform: Transform
+        self,
+        flow: CallFlow,
+        req: web.Request,
+        up: aiohttp.ClientResponse,
+        session: Session,
+        transform: Transform,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, session))
         await resp.prepare(req)
@@ -139,8 +154,9 @@ class HttpUpstream(Upstream):
             if splitter.pending:
                 await resp.write(splitter.pending)
             if flow.outcome is None:
-                flow.finish("upstream_error", message="upstream closed the stream before answering",
-                            nbytes=nbytes)
+                flow.finish(
+                    "upstream_error", message="upstream closed the stream before answering", nbytes=nbytes
+                )
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             # the client went away; per spec that is not a cancellation of the call
             if flow.outcome is None:
@@ -175,7 +191,8 @@ class HttpUpstream(Upstream):
             new = orjson.dumps(msg)
             # keep the event's other fields (id, event), replace only the data
             head = b"".join(
-                line + b"\n" for line in raw.replace(b"\r\n", b"\n").split(b"\n")
+                line + b"\n"
+                for line in raw.replace(b"\r\n", b"\n").split(b"\n")
                 if line and not line.startswith(b"data")
             )
             raw = head + b"data: " + new + b"\n\n"
@@ -184,7 +201,9 @@ class HttpUpstream(Upstream):
             flow.observe(msg, len(data))
         return raw
 
-    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request) -> web.StreamResponse:
+    async def send(
+        self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request
+    ) -> web.StreamResponse:
         try:
             async with self.http.post(self.url, data=body, headers=self._headers(req, session)) as up:
                 data = await up.read()
@@ -197,7 +216,8 @@ class HttpUpstream(Upstream):
         headers = self._headers(req, session)
         try:
             up = await self.http.get(
-                self.url, headers=headers,
+                self.url,
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
             )
         except _NETWORK_ERRORS as exc:

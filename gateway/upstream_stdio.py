@@ -107,8 +107,13 @@ class StdioProcess:
         env = {**os.environ, **self.up.env}
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.up.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=env, cwd=self.up.cwd, limit=MAX_LINE,
+                *self.up.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=self.up.cwd,
+                limit=MAX_LINE,
                 start_new_session=True,
             )
         except OSError as exc:
@@ -129,8 +134,8 @@ class StdioProcess:
         self.pending[uid] = p
         self._write({**self._init_msg, "id": uid})
         try:
-            kind, msg = await asyncio.wait_for(p.queue.get(), self.up.timeout_s)
-        except asyncio.TimeoutError:
+            _, msg = await asyncio.wait_for(p.queue.get(), self.up.timeout_s)
+        except TimeoutError:
             self.pending.pop(uid, None)
             raise UpstreamDown(f"{self.label} restarted but did not answer initialize") from None
         if "error" in msg:
@@ -266,8 +271,11 @@ class StdioProcess:
                 delivered = True
         if not delivered and "id" in msg:
             with contextlib.suppress(UpstreamDown):
-                self._write(jsonrpc.error(msg["id"], jsonrpc.INTERNAL_ERROR,
-                                          "no client stream is open to carry this request"))
+                self._write(
+                    jsonrpc.error(
+                        msg["id"], jsonrpc.INTERNAL_ERROR, "no client stream is open to carry this request"
+                    )
+                )
 
     def _died(self, proc: asyncio.subprocess.Process, rc: int) -> None:
         if proc is not self.proc:
@@ -278,8 +286,17 @@ class StdioProcess:
             log.error("%s: exited with code %s after %.1f s", self.label, rc, lived)
         text = f"{self.label} exited with code {rc} while handling this request"
         for p in self.pending.values():
-            p.queue.put_nowait((_FINAL, jsonrpc.error(p.orig_id, jsonrpc.UPSTREAM_UNAVAILABLE, text,
-                                                      {"upstream": self.up.name, "exit_code": rc})))
+            p.queue.put_nowait(
+                (
+                    _FINAL,
+                    jsonrpc.error(
+                        p.orig_id,
+                        jsonrpc.UPSTREAM_UNAVAILABLE,
+                        text,
+                        {"upstream": self.up.name, "exit_code": rc},
+                    ),
+                )
+            )
         self.pending.clear()
 
     async def stop(self) -> None:
@@ -294,7 +311,7 @@ class StdioProcess:
             try:
                 await asyncio.wait_for(proc.wait(), 2.0)
                 break
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, sig)
         with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
@@ -304,7 +321,9 @@ class StdioProcess:
 
 
 class StdioUpstream(Upstream):
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: str | None, timeout_s: float) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], cwd: str | None, timeout_s: float
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
@@ -338,8 +357,9 @@ class StdioUpstream(Upstream):
             uid, p = await proc.call(msg, session)
         except UpstreamDown as exc:
             flow.finish("upstream_error", code=jsonrpc.UPSTREAM_UNAVAILABLE, message=str(exc))
-            return error_response(200, jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), flow.request_id,
-                                  {"upstream": self.name})
+            return error_response(
+                200, jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), flow.request_id, {"upstream": self.name}
+            )
         session.active += 1
         try:
             return await self._answer(flow, req, session, proc, p, uid, transform, on_open)
@@ -347,19 +367,36 @@ class StdioUpstream(Upstream):
             session.active -= 1
             proc.done(uid, session)
 
-    async def _next(self, flow: CallFlow, proc: StdioProcess, p: Pending, uid: int
-                    ) -> tuple[str, dict[str, Any]]:
+    async def _next(
+        self, flow: CallFlow, proc: StdioProcess, p: Pending, uid: int
+    ) -> tuple[str, dict[str, Any]]:
         try:
             return await asyncio.wait_for(p.queue.get(), self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             text = f"{proc.label} did not answer within {self.timeout_s:g} s"
             with contextlib.suppress(UpstreamDown):
-                    proc._write({"jsonrpc": "2.0", "method": "notifications/cancelled",
-                                 "params": {"requestId": uid, "reason": "gateway timeout"}})
-            return _FINAL, jsonrpc.error(flow.request_id, jsonrpc.UPSTREAM_TIMEOUT, text, {"upstream": self.name})
+                proc._write(
+                    {
+                        "jsonrpc": "2.0",
+                        "method": "notifications/cancelled",
+                        "params": {"requestId": uid, "reason": "gateway timeout"},
+                    }
+                )
+            return _FINAL, jsonrpc.error(
+                flow.request_id, jsonrpc.UPSTREAM_TIMEOUT, text, {"upstream": self.name}
+            )
 
-    async def _answer(self, flow: CallFlow, req: web.Request, session: Session, proc: StdioProcess,
-                      p: Pending, uid: int, transform: Transform, on_open: OnOpen) -> web.StreamResponse:
+    async def _answer(
+        self,
+        flow: CallFlow,
+        req: web.Request,
+        session: Session,
+        proc: StdioProcess,
+        p: Pending,
+        uid: int,
+        transform: Transform,
+        on_open: OnOpen,
+    ) -> web.StreamResponse:
         headers = {"Mcp-Session-Id": session.id}
         kind, msg = await self._next(flow, proc, p, uid)
         if kind == _FINAL:
@@ -371,8 +408,9 @@ class StdioUpstream(Upstream):
         if on_open is not None:
             proc.sessions.add(session)
             on_open(session)
-        resp = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream",
-                                                       "Cache-Control": "no-cache"})
+        resp = web.StreamResponse(
+            status=200, headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await resp.prepare(req)
         nbytes = 0
         try:
@@ -394,14 +432,26 @@ class StdioUpstream(Upstream):
 
     def _observe(self, flow: CallFlow, msg: dict[str, Any], nbytes: int) -> None:
         err = msg.get("error")
-        if isinstance(err, dict) and err.get("code") in (jsonrpc.UPSTREAM_UNAVAILABLE, jsonrpc.UPSTREAM_TIMEOUT) \
-                and isinstance(err.get("data"), dict) and err["data"].get("upstream") == self.name:
+        if (
+            isinstance(err, dict)
+            and err.get("code") in (jsonrpc.UPSTREAM_UNAVAILABLE, jsonrpc.UPSTREAM_TIMEOUT)
+            and isinstance(err.get("data"), dict)
+            and err["data"].get("upstream") == self.name
+        ):
             flow.finish("upstream_error", code=err["code"], message=err.get("message"), nbytes=nbytes)
         else:
             flow.observe(msg, nbytes)
 
-    def _final_json(self, flow: CallFlow, msg: dict[str, Any], session: Session, proc: StdioProcess,
-                    transform: Transform, on_open: OnOpen, headers: dict[str, str]) -> web.Response:
+    def _final_json(
+        self,
+        flow: CallFlow,
+        msg: dict[str, Any],
+        session: Session,
+        proc: StdioProcess,
+        transform: Transform,
+        on_open: OnOpen,
+        headers: dict[str, str],
+    ) -> web.Response:
         if transform is not None and "result" in msg:
             msg = transform(msg)
         if on_open is not None and "result" in msg:
@@ -411,7 +461,9 @@ class StdioUpstream(Upstream):
         self._observe(flow, msg, len(data))
         return json_response(data, headers=headers)
 
-    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request) -> web.StreamResponse:
+    async def send(
+        self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request
+    ) -> web.StreamResponse:
         proc = self.process(session.grant.name)
         try:
             await proc.ensure()
@@ -422,13 +474,20 @@ class StdioUpstream(Upstream):
 
     async def open_stream(self, session: Session, req: web.Request) -> web.StreamResponse:
         if session.state.get("get_queue") is not None:
-            return error_response(409, jsonrpc.INVALID_REQUEST,
-                                  "Conflict: only one GET stream is allowed per session")
+            return error_response(
+                409, jsonrpc.INVALID_REQUEST, "Conflict: only one GET stream is allowed per session"
+            )
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         session.state["get_queue"] = q
         self.process(session.grant.name).sessions.add(session)
-        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream",
-                                                       "Cache-Control": "no-cache", "Mcp-Session-Id": session.id})
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "Mcp-Session-Id": session.id,
+            },
+        )
         session.active += 1
         try:
             await resp.prepare(req)

@@ -14,8 +14,16 @@ from tests.support.procs import free_port
 KEY = "key-qa-0123456789"
 KEYS = {"qa": KEY}
 ALLOW_ALL = {"version": "1", "default": "allow"}
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "0"},
+    },
+}
 ACCEPT = "application/json, text/event-stream"
 # a stdio server that reads its first line and exits: crashes while handling that request
 CRASHER = [sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(3)"]
@@ -31,8 +39,13 @@ async def gw(tmp_path: Path, everything_server: str):
         "crasher": {"command": CRASHER},
         "silent": {"command": SILENT},
     }
-    cfg = write_config(tmp_path, servers=servers, policies=dict.fromkeys(servers, ALLOW_ALL), grants=KEYS,
-                       gateway={"max_body_bytes": 4096, "upstream_timeout_s": 1.0})
+    cfg = write_config(
+        tmp_path,
+        servers=servers,
+        policies=dict.fromkeys(servers, ALLOW_ALL),
+        grants=KEYS,
+        gateway={"max_body_bytes": 4096, "upstream_timeout_s": 1.0},
+    )
     async with running_gateway(cfg, KEYS, FakeClock()) as g, aiohttp.ClientSession() as http:
         g.extra["http"] = http
         yield g
@@ -42,10 +55,18 @@ def headers(**extra: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEY}", "Accept": ACCEPT, "Content-Type": "application/json", **extra}
 
 
-async def post(gw: RunningGateway, server: str = "everything", *, data: bytes | None = None, json=None,
-               hdrs: dict[str, str] | None = None) -> tuple[int, dict, dict]:
+async def post(
+    gw: RunningGateway,
+    server: str = "everything",
+    *,
+    data: bytes | None = None,
+    json=None,
+    hdrs: dict[str, str] | None = None,
+) -> tuple[int, dict, dict]:
     http: aiohttp.ClientSession = gw.extra["http"]
-    async with http.post(gw.url(server), data=data, json=json, headers=headers() if hdrs is None else hdrs) as r:
+    async with http.post(
+        gw.url(server), data=data, json=json, headers=headers() if hdrs is None else hdrs
+    ) as r:
         body = await r.json(content_type=None) if r.content_type == "application/json" else {}
         return r.status, body, dict(r.headers)
 
@@ -60,8 +81,10 @@ async def initialize(gw: RunningGateway, server: str = "everything") -> str:
 
 async def assert_still_serving(gw: RunningGateway) -> None:
     sid = await initialize(gw)
-    status, body, _ = await post(gw, json={"jsonrpc": "2.0", "id": 9, "method": "ping"},
-                                 hdrs=headers(**{"Mcp-Session-Id": sid}))
+    status, body, _ = await post(
+        gw, json={"jsonrpc": "2.0", "id": 9, "method": "ping"}, hdrs=headers(**{"Mcp-Session-Id": sid})
+    )
+    assert body["id"] == 9 and "result" in body
     assert status == 200
 
 
@@ -72,8 +95,16 @@ async def test_malformed_json_is_a_parse_error(gw: RunningGateway) -> None:
     await assert_still_serving(gw)
 
 
-@pytest.mark.parametrize("payload", [b'"hello"', b"42", b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}',
-                                     b'{"jsonrpc": "2.0", "id": 1}', b'{"jsonrpc": "2.0", "id": true, "method": "x"}'])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'"hello"',
+        b"42",
+        b'{"jsonrpc": "1.0", "id": 1, "method": "ping"}',
+        b'{"jsonrpc": "2.0", "id": 1}',
+        b'{"jsonrpc": "2.0", "id": true, "method": "x"}',
+    ],
+)
 async def test_not_a_jsonrpc_object_is_invalid_request(gw: RunningGateway, payload: bytes) -> None:
     status, body, _ = await post(gw, data=payload)
     assert status == 400
@@ -126,15 +157,21 @@ async def test_expired_session_is_404(gw: RunningGateway) -> None:
     gw.proxy.sessions.idle_timeout_s = 0.0
     for s in gw.proxy.sessions.expired():
         gw.proxy.upstreams[s.server].session_closed(s)
-    status, body, _ = await post(gw, json={"jsonrpc": "2.0", "id": 2, "method": "ping"},
-                                 hdrs=headers(**{"Mcp-Session-Id": sid}))
+    status, body, _ = await post(
+        gw, json={"jsonrpc": "2.0", "id": 2, "method": "ping"}, hdrs=headers(**{"Mcp-Session-Id": sid})
+    )
     assert status == 404
+    assert "unknown or expired session" in body["error"]["message"]
 
 
 async def test_session_of_another_grant_or_server_is_404(gw: RunningGateway) -> None:
     sid = await initialize(gw)
-    status, _, _ = await post(gw, "silent", json={"jsonrpc": "2.0", "id": 2, "method": "ping"},
-                              hdrs=headers(**{"Mcp-Session-Id": sid}))
+    status, _, _ = await post(
+        gw,
+        "silent",
+        json={"jsonrpc": "2.0", "id": 2, "method": "ping"},
+        hdrs=headers(**{"Mcp-Session-Id": sid}),
+    )
     assert status == 404
 
 
@@ -148,6 +185,7 @@ async def test_invalid_protocol_version_is_400(gw: RunningGateway) -> None:
 async def test_foreign_origin_is_403(gw: RunningGateway) -> None:
     status, body, _ = await post(gw, json=INIT, hdrs=headers(Origin="http://evil.example.com"))
     assert status == 403
+    assert "DNS rebinding" in body["error"]["message"]
     status, _, _ = await post(gw, json=INIT, hdrs=headers(Host="evil.example.com"))
     assert status == 403
     status, _, _ = await post(gw, json=INIT, hdrs=headers(Origin="http://localhost:5173"))
@@ -187,13 +225,18 @@ async def test_notification_is_202_and_delete_ends_the_session(gw: RunningGatewa
         assert r.status == 202
     async with http.delete(gw.url("everything"), headers=headers(**{"Mcp-Session-Id": sid})) as r:
         assert r.status in (200, 204)
-    status, _, _ = await post(gw, json={"jsonrpc": "2.0", "id": 3, "method": "ping"},
-                              hdrs=headers(**{"Mcp-Session-Id": sid}))
+    status, _, _ = await post(
+        gw, json={"jsonrpc": "2.0", "id": 3, "method": "ping"}, hdrs=headers(**{"Mcp-Session-Id": sid})
+    )
     assert status == 404
 
 
 async def test_tools_call_without_a_name_is_invalid_params(gw: RunningGateway) -> None:
     sid = await initialize(gw)
-    status, body, _ = await post(gw, json={"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {}},
-                                 hdrs=headers(**{"Mcp-Session-Id": sid}))
+    status, body, _ = await post(
+        gw,
+        json={"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {}},
+        hdrs=headers(**{"Mcp-Session-Id": sid}),
+    )
+    assert status == 200
     assert body["error"]["code"] == -32602

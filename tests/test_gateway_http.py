@@ -25,8 +25,12 @@ POLICY = {
 
 @pytest.fixture
 async def gw(tmp_path: Path, everything_server: str):
-    cfg = write_config(tmp_path, servers={"everything": {"url": everything_server}},
-                       policies={"everything": POLICY}, grants=KEYS)
+    cfg = write_config(
+        tmp_path,
+        servers={"everything": {"url": everything_server}},
+        policies={"everything": POLICY},
+        grants=KEYS,
+    )
     async with running_gateway(cfg, KEYS, FakeClock()) as g:
         yield g
 
@@ -68,7 +72,11 @@ async def test_argument_validation_refuses_before_the_upstream(gw: RunningGatewa
 async def test_session_scope_counts_per_session(gw: RunningGateway) -> None:
     async with gw.client("everything", "ops") as c1, gw.client("everything", "ops") as c2:
         assert [(await c1.call_tool("echo", {"message": "x"})).is_error for _ in range(4)] == [
-            False, False, False, True]
+            False,
+            False,
+            False,
+            True,
+        ]
         assert not (await c2.call_tool("echo", {"message": "x"})).is_error
 
 
@@ -80,8 +88,9 @@ async def test_progress_notifications_arrive_while_the_tool_runs(gw: RunningGate
 
     async with gw.client("everything", "ops") as c:
         start = time.monotonic()
-        r = await c.call_tool("trigger-long-running-operation", {"duration": 2, "steps": 4},
-                              progress_callback=on_progress)
+        r = await c.call_tool(
+            "trigger-long-running-operation", {"duration": 2, "steps": 4}, progress_callback=on_progress
+        )
         end = time.monotonic()
     assert not r.is_error
     assert [p for _, p in seen] == [1, 2, 3, 4]
@@ -94,8 +103,12 @@ async def test_sampling_request_from_the_server_reaches_the_client(gw: RunningGa
 
     async def sampling(ctx, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
         asked.append(params.messages[0].content.text)
-        return types.CreateMessageResult(role="assistant", content=types.TextContent(type="text", text="42"),
-                                         model="test-model", stop_reason="endTurn")
+        return types.CreateMessageResult(
+            role="assistant",
+            content=types.TextContent(type="text", text="42"),
+            model="test-model",
+            stop_reason="endTurn",
+        )
 
     async with gw.client("everything", "ops", sampling_callback=sampling) as c:
         r = await c.call_tool("trigger-sampling-request", {"prompt": "meaning of life?"})

@@ -49,13 +49,21 @@ async def test_seed_scenario_ten_reach_upstream_two_refused(gw: RunningGateway) 
     assert not any(r.is_error for r in allowed)
     for r in refused:
         assert r.is_error
-        assert text(r).startswith("Refused by policy: rate limit open_session_rate (10 per minute) reached; retry in")
+        assert text(r).startswith(
+            "Refused by policy: rate limit open_session_rate (10 per minute) reached; retry in"
+        )
         assert text(r).endswith("[rule /tools/open_session/limits/0]")
         sc = r.structured_content
         assert sc["rule"] == "/tools/open_session/limits/0"
         assert sc["decision"] == "rate_limited"
-        assert sc["counter"] == {"name": "open_session_rate", "scope": "grant", "key": "alice",
-                                 "count": 10, "max": 10, "window_s": 60}
+        assert sc["counter"] == {
+            "name": "open_session_rate",
+            "scope": "grant",
+            "key": "alice",
+            "count": 10,
+            "max": 10,
+            "window_s": 60,
+        }
         # the fake clock stands 1 s into the minute
         assert sc["retry_after_s"] == pytest.approx(59.0)
 
@@ -78,7 +86,10 @@ async def test_default_deny_of_the_other_tools(gw: RunningGateway) -> None:
         for tool, args in OTHER_TOOLS.items():
             r = await c.call_tool(tool, args)
             assert r.is_error, tool
-            assert text(r) == f"Refused by policy: tool {tool} is not allowed by policy (default deny) [rule /default]"
+            assert (
+                text(r)
+                == f"Refused by policy: tool {tool} is not allowed by policy (default deny) [rule /default]"
+            )
             assert r.structured_content["rule"] == "/default"
             assert r.structured_content["decision"] == "deny"
             assert r.structured_content["retry_after_s"] is None
@@ -128,3 +139,11 @@ async def test_crashed_stdio_upstream_is_restarted(gw: RunningGateway) -> None:
         assert not r.is_error
         assert text(r) == "Success: Session created successfully"
         assert proc.proc.pid != first_pid
+
+
+async def test_sdk_auto_mode_probe_falls_back_to_initialize(gw: RunningGateway) -> None:
+    # mcp 2.x probes server/discover at 2026-07-28 first; the gateway answers -32022 with the
+    # versions it serves and the client falls back to the initialize handshake
+    async with gw.client("whatsapp", "alice", mode="auto") as c:
+        assert c.protocol_version == "2025-11-25" or c.protocol_version.startswith("2025-")
+        assert text(await c.call_tool("open_session", {})) == "Success: Session created successfully"

@@ -115,7 +115,9 @@ def write_config(
 
 @contextlib.asynccontextmanager
 async def running_gateway(
-    config_path: Path, keys: dict[str, str], clock: FakeClock | None = None,
+    config_path: Path,
+    keys: dict[str, str],
+    clock: FakeClock | None = None,
     build: Callable[..., web.Application] | None = None,
 ) -> AsyncIterator[RunningGateway]:
     cfg = load_config(config_path)
