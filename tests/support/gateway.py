@@ -131,3 +131,20 @@ async def running_gateway(
         yield RunningGateway(f"http://{cfg.gateway.host}:{cfg.gateway.port}", cfg, app, keys, clock, runner)
     finally:
         await runner.cleanup()
+
+
+def start_gateway_process(
+    config_path: Path, log_path: Path, env: dict[str, str] | None = None
+) -> tuple[Any, str]:
+    """`ledgergate run --config` as a real separate process; returns (handle, base URL) once /healthz answers."""
+    import sys
+
+    from tests.support.procs import start_process, wait_http
+
+    cfg = load_config(config_path)
+    handle = start_process(
+        [sys.executable, "-m", "gateway.cli", "run", "--config", str(config_path)], env=env, log_path=log_path
+    )
+    base = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
+    wait_http(f"{base}/healthz", timeout=60, handle=handle)
+    return handle, base
