@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from consumers.audit import AuditConsumer
-from consumers.redaction import args_sha256, redact
+from gateway.redaction import args_sha256, redact
 from consumers.store import open_store
 from eventlog.sqlite import SqliteEventLog
 from schemas import events as E

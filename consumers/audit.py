@@ -14,6 +14,7 @@ not look like the gateway's compact JSON are parsed with ``decode_raw`` first.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,6 +46,8 @@ class LogConsumer:
         self.processed = 0  # records consumed (committed) by this instance
         self.inserted = 0  # events written to ClickHouse by this instance
         self.skipped = 0  # malformed or foreign records (logged, never retried)
+        self.position = 0  # the next offset this instance will consume (once running)
+        self._advanced = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, store={self.store!r})"
@@ -109,10 +112,21 @@ class LogConsumer:
         if commit:
             await self.log.commit(self.name, records[-1].offset + 1)
         self.processed += len(records)
+        if commit:
+            self.position = records[-1].offset + 1
+            self._advanced.set()
+
+    async def wait_for(self, offset: int) -> None:
+        """Wait until this consumer (running its `run()` loop) has consumed up to `offset`."""
+        while self.position < offset:
+            self._advanced.clear()
+            await self._advanced.wait()
 
     async def run(self) -> None:
         """Consume forever from the committed offset (cancel the task to stop)."""
         offset = await self.log.committed(self.name)
+        self.position = offset
+        self._advanced.set()
         async for records in self.log.tail(offset, self.batch):
             if records:
                 await self._consume(records)

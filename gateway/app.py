@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +44,7 @@ def build_app(
     addons: list[Addon] | None = None,
     background: list[Any] | None = None,
     clock: Callable[[], float] = time.time,
+    admin: Callable[[str, dict[str, Any]], Awaitable[tuple[list[str], list[tuple[Any, ...]]]]] | None = None,
 ) -> web.Application:
     """The gateway app. `addons` hook into every flow (audit, metrics); `background` are
     extra coroutine factories (consumers) run for the app's lifetime."""
@@ -71,6 +72,10 @@ def build_app(
     app.router.add_get("/mcp/{server}", proxy.get)
     app.router.add_delete("/mcp/{server}", proxy.delete)
     app.router.add_get("/healthz", health(proxy))
+    if admin is not None and cfg.gateway.admin_token:
+        from gateway.admin import add_admin_routes
+
+        add_admin_routes(app, cfg.gateway.admin_token, admin, policies.reload)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         for up in upstreams.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 
@@ -39,9 +40,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from gateway.app import build_app
+    from gateway.compose import serve
 
     try:
         cfg, notes = _check(args.config)
@@ -53,33 +52,20 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.warning(n)
     if args.listen:
         cfg.gateway.listen = args.listen
-    app = build_app(cfg)
-    host, port = cfg.gateway.host, cfg.gateway.port
     print(banner(cfg), flush=True)
-    for name, srv in cfg.servers.items():
-        log.info(
-            "serving %s (%s) at http://%s:%d/mcp/%s",
-            name,
-            srv.url or " ".join(cfg.command(name)),
-            host,
-            port,
-            name,
-        )
     try:
         import uvloop  # type: ignore[import-not-found]
 
-        loop_factory = uvloop.new_event_loop
+        runner = uvloop.run
     except ImportError:
-        loop_factory = None
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        print=None,
-        access_log=None,
-        handler_cancellation=True,
-        loop=loop_factory() if loop_factory else None,
-    )
+        runner = asyncio.run
+    try:
+        runner(serve(cfg))
+    except OSError as exc:
+        print(f"error: cannot serve on {cfg.gateway.listen}: {exc.strerror or exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -1,0 +1,254 @@
+"""Composition root of embedded mode (with cli.py, the only module wiring gateway and consumers).
+
+One process holds the event log (SQLite WAL in data_dir), the embedded ClickHouse store
+(chDB in data_dir) and runs the consumers as asyncio tasks next to the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from consumers import forensics
+from consumers.audit import AuditConsumer
+from consumers.counters import CountersConsumer
+from consumers.store import AuditStore, ReadOnlyError, open_store
+from eventlog import open_log
+from eventlog.base import EventLog
+from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
+from gateway.audit_addon import AuditAddon, instance_id
+from gateway.config import Config
+from gateway.limiter import Limiter
+from gateway.policies import PolicySet
+from gateway.policy import CounterKey
+
+log = logging.getLogger("ledgergate")
+
+QUESTIONS = ("who", "calls", "denials", "sql")
+
+
+class Embedded:
+    """The embedded log + store + consumers of one data dir."""
+
+    def __init__(self, cfg: Config, eventlog: EventLog, store: AuditStore) -> None:
+        self.cfg = cfg
+        self.log = eventlog
+        self.store = store
+        self.audit = AuditConsumer(eventlog, store)
+        self.counters = CountersConsumer(eventlog, store)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(cls, cfg: Config, *, run_consumers: bool) -> Embedded:
+        data_dir = cfg.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        eventlog = open_log(
+            cfg.eventlog.backend, data_dir, cfg.eventlog.durability, cfg.eventlog.flush_interval_ms
+        )
+        await eventlog.open()
+        try:
+            store = await open_store(cfg.store.clickhouse, data_dir)
+        except BaseException:
+            await eventlog.close()
+            raise
+        self = cls(cfg, eventlog, store)
+        if run_consumers:
+            self._tasks = [
+                asyncio.create_task(self._supervise(self.audit), name="audit-consumer"),
+                asyncio.create_task(self._supervise(self.counters), name="counters-consumer"),
+            ]
+        return self
+
+    async def _supervise(self, consumer: AuditConsumer | CountersConsumer) -> None:
+        """Keep a consumer running; a store that is down is retried, the log keeps every event."""
+        delay = 0.5
+        while True:
+            try:
+                await consumer.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error(
+                    "%s stopped (%s); retrying in %.1f s, events wait in the log", consumer.name, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def sync(self) -> None:
+        """Every event appended so far is in the ClickHouse tables."""
+        await self.log.flush()
+        end = await self.log.end_offset()
+        if self._tasks:
+            await asyncio.gather(self.audit.wait_for(end), self.counters.wait_for(end))
+        else:
+            await self.audit.catch_up()
+            await self.counters.catch_up()
+
+    async def answer(self, question: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """A forensic question. Raises ValueError for bad input, PermissionError for SQL that writes."""
+        p = {k: v for k, v in params.items() if v not in (None, "")}
+        await self.sync()
+        try:
+            if question == "who":
+                if "tool" not in p:
+                    raise ValueError("who needs a tool")
+                return await forensics.who(
+                    self.store,
+                    p["tool"],
+                    server=p.get("server"),
+                    since=p.get("since"),
+                    until=p.get("until"),
+                    decision=p.get("decision"),
+                )
+            if question == "calls":
+                limit = int(p.get("limit", 100))
+                if limit <= 0:
+                    raise ValueError("limit must be positive")
+                return await forensics.calls(
+                    self.store,
+                    tool=p.get("tool"),
+                    server=p.get("server"),
+                    since=p.get("since"),
+                    until=p.get("until"),
+                    decision=p.get("decision"),
+                    agent=p.get("agent"),
+                    grant=p.get("grant"),
+                    limit=limit,
+                )
+            if question == "denials":
+                return await forensics.denials(
+                    self.store,
+                    since=p.get("since"),
+                    until=p.get("until"),
+                    server=p.get("server"),
+                    tool=p.get("tool"),
+                    agent=p.get("agent"),
+                )
+            if question == "sql":
+                if not isinstance(p.get("sql"), str):
+                    raise ValueError("sql needs the SQL text")
+                sql_params = p.get("params") or {}
+                if not isinstance(sql_params, dict):
+                    raise ValueError("params must be an object of name -> value")
+                return await forensics.sql(self.store, p["sql"], sql_params)
+        except ReadOnlyError as exc:
+            raise PermissionError(str(exc)) from None
+        raise ValueError(f"unknown question {question!r}; one of {', '.join(QUESTIONS)}")
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        try:
+            await self.store.close()
+        finally:
+            await self.log.close()
+
+
+def longest_window_s(policies: PolicySet) -> int:
+    longest = 0
+    for pol in policies.current.values():
+        for plan in pol.tools.values():
+            for spec in plan.limits:
+                longest = max(longest, spec.window_s)
+    return longest
+
+
+async def rebuild_limiters(
+    eventlog: EventLog, limiters: dict[str, Limiter], window_s: int, now: float
+) -> int:
+    """Fold the charges of allowed calls of the windows still open at `now` into the limiters.
+
+    The counters are a projection of the log: after any restart (kill -9 included) a limit
+    holds as if the gateway had never stopped. Returns the number of charges folded.
+    """
+    if window_s <= 0:
+        return 0
+    since_ms = int((now - window_s) * 1000)
+    seen: set[bytes] = set()
+    folded = 0
+    async for batch in eventlog.read_since(since_ms, 50_000):
+        for rec in batch:
+            p = rec.payload
+            # cheap byte filters first: only allowed decisions with charges matter
+            if b'"kind":"call.decided"' not in p or b'"decision":"allow"' not in p or b'"charges":[]' in p:
+                continue
+            ev = orjson.loads(p)
+            eid = ev["event_id"].encode()
+            if eid in seen:
+                continue
+            seen.add(eid)
+            limiter = limiters.get(ev.get("server"))
+            if limiter is None:
+                continue
+            keys = [
+                CounterKey(c["counter"], c["scope"], c["key"], c["window_s"], c["window_start"])
+                for c in ev["charges"]
+            ]
+            limiter.fold(keys, now)
+            folded += len(keys)
+    return folded
+
+
+async def serve(
+    cfg: Config,
+    *,
+    clock: Callable[[], float] = time.time,
+    ready: Callable[[str], Awaitable[None] | None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the gateway with its embedded log, store and consumers until SIGINT/SIGTERM (or `stop`)."""
+    embedded = await Embedded.open(cfg, run_consumers=True)
+    addon = AuditAddon(embedded.log, instance_id(cfg.gateway.instance_id))
+    try:
+        app = build_app(
+            cfg, addons=[addon], clock=clock, admin=embedded.answer if cfg.gateway.admin_token else None
+        )
+        addon.policies = app[POLICIES_KEY]
+        proxy = app[PROXY_KEY]
+        t0 = time.perf_counter()
+        folded = await rebuild_limiters(
+            embedded.log, proxy.limiters, longest_window_s(app[POLICIES_KEY]), clock()
+        )
+        log.info(
+            "rate-limit counters rebuilt from the log: %d charges in %.3f s", folded, time.perf_counter() - t0
+        )
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, cfg.gateway.host, cfg.gateway.port)
+        await site.start()
+        if stop is None:  # standalone: SIGINT/SIGTERM stop it (tests pass their own event)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "ready on http://%s:%d (event log %s, durability %s, store %s)",
+            cfg.gateway.host,
+            cfg.gateway.port,
+            cfg.data_dir / "events.db",
+            cfg.eventlog.durability,
+            cfg.store.clickhouse,
+        )
+        if ready is not None:
+            r = ready(f"http://{cfg.gateway.host}:{cfg.gateway.port}")
+            if r is not None:
+                await r
+        await stop.wait()
+        log.info("stopping")
+        await runner.cleanup()
+    finally:
+        with contextlib.suppress(Exception):
+            await addon.close()
+        await embedded.close()
