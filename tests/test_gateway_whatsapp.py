@@ -6,6 +6,8 @@ minute per grant and denies every other tool.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,76 @@ async def test_sdk_auto_mode_probe_falls_back_to_initialize(gw: RunningGateway) 
     async with gw.client("whatsapp", "alice", mode="auto") as c:
         assert c.protocol_version == "2025-11-25" or c.protocol_version.startswith("2025-")
         assert text(await c.call_tool("open_session", {})) == "Success: Session created successfully"
+
+
+async def test_policy_hot_reload_and_a_broken_file_keeps_the_old_policy(gw: RunningGateway) -> None:
+    path = gw.config.policy_path("whatsapp")
+    allow_chats = {**SEED_POLICY, "tools": {**SEED_POLICY["tools"], "get_chats": {}}}
+    async with gw.client("whatsapp", "alice") as c:
+        assert (await c.call_tool("get_chats", {})).is_error
+        path.write_text(json.dumps(allow_chats))
+        assert gw.proxy.policies.reload() == {"whatsapp": None}
+        r = await c.call_tool("get_chats", {})
+        assert not r.is_error  # forwarded now: the upstream's own answer
+        assert not r.content[0].text.startswith("Refused by policy")
+        path.write_text('{"version": "1", "tools": {"get_chats": {"action": "maybe"}}}')
+        errors = gw.proxy.policies.reload()
+        assert errors["whatsapp"].startswith(f"{path}: /tools/get_chats/action:")
+        assert not (await c.call_tool("get_chats", {})).is_error  # the previous policy stays in force
+        path.write_text("{not json")
+        assert "line 1" in gw.proxy.policies.reload()["whatsapp"]
+        assert [t.name for t in (await c.list_tools()).tools] == ["open_session", "get_chats"]
+
+
+async def test_stdio_children_are_stopped_on_shutdown(tmp_path: Path, whatsapp_command: StdioCommand) -> None:
+    cfg = write_config(
+        tmp_path,
+        servers={"whatsapp": {"command": whatsapp_command.argv, "env": whatsapp_command.env}},
+        policies={"whatsapp": SEED_POLICY},
+        grants=KEYS,
+    )
+    async with running_gateway(cfg, KEYS, FakeClock()) as g:
+        async with g.client("whatsapp", "alice") as a, g.client("whatsapp", "bob") as b:
+            await a.call_tool("open_session", {})
+            await b.call_tool("open_session", {})
+        children = [p.proc for p in g.proxy.upstreams["whatsapp"].processes.values()]
+        assert len(children) == 2 and all(p.returncode is None for p in children)
+    assert all(p.returncode is not None for p in children)
+
+
+async def test_get_stream_and_delete_on_a_stdio_session(gw: RunningGateway) -> None:
+    import aiohttp
+
+    hdrs = {"Authorization": f"Bearer {KEYS['alice']}", "Accept": "application/json, text/event-stream"}
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"},
+        },
+    }
+    async with aiohttp.ClientSession() as http:
+        async with http.post(gw.url("whatsapp"), json=init, headers=hdrs) as r:
+            assert r.status == 200
+            sid = r.headers["Mcp-Session-Id"]
+            assert (await r.json(content_type=None))["result"]["serverInfo"]
+        hdrs["Mcp-Session-Id"] = sid
+        async with http.get(gw.url("whatsapp"), headers={**hdrs, "Accept": "text/event-stream"}) as stream:
+            assert stream.status == 200
+            assert stream.headers["Content-Type"].startswith("text/event-stream")
+            async with http.get(
+                gw.url("whatsapp"), headers={**hdrs, "Accept": "text/event-stream"}
+            ) as second:
+                assert second.status == 409
+            async with http.delete(gw.url("whatsapp"), headers=hdrs) as d:
+                assert d.status == 200
+            assert (
+                await asyncio.wait_for(stream.content.read(), 10) == b""
+            )  # the stream ends with the session
+        async with http.post(
+            gw.url("whatsapp"), json={"jsonrpc": "2.0", "id": 2, "method": "ping"}, headers=hdrs
+        ) as r:
+            assert r.status == 404
