@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from gateway import cli_audit
 from gateway.config import Config, ConfigError, load_config
 from schemas.policy import PolicyError, load_policy
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="validate a config and its policies without serving")
     p.add_argument("config")
     p.set_defaults(fn=cmd_check)
+    cli_audit.add_commands(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
