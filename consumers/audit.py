@@ -15,6 +15,7 @@ not look like the gateway's compact JSON are parsed with ``decode_raw`` first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +37,8 @@ class LogConsumer:
     table: str = ""
     kinds: frozenset[str] = frozenset(EVENT_KINDS)
 
+    linger_s: float = 1.0  # at most ~1 insert a second while the log trickles
+
     def __init__(self, log: EventLog, store: AuditStore, name: str, *, batch: int = 50_000) -> None:
         if batch <= 0:
             raise ValueError("batch must be > 0")
@@ -48,6 +51,7 @@ class LogConsumer:
         self.skipped = 0  # malformed or foreign records (logged, never retried)
         self.position = 0  # the next offset this instance will consume (once running)
         self._advanced = asyncio.Event()
+        self._poke = asyncio.Event()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, store={self.store!r})"
@@ -119,6 +123,7 @@ class LogConsumer:
     async def wait_for(self, offset: int) -> None:
         """Wait until this consumer (running its `run()` loop) has consumed up to `offset`."""
         while self.position < offset:
+            self._poke.set()
             self._advanced.clear()
             await self._advanced.wait()
 
@@ -130,6 +135,13 @@ class LogConsumer:
         async for records in self.log.tail(offset, self.batch):
             if records:
                 await self._consume(records)
+                if len(records) < self.batch and self.linger_s > 0:
+                    # a small batch: let events accumulate instead of paying one ClickHouse
+                    # insert, its merges and one offset commit (an fsync) per trickle of
+                    # events; wait_for() (a forensic query waiting) cuts the linger short
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._poke.wait(), self.linger_s)
+                    self._poke.clear()
 
     async def catch_up(self) -> int:
         """Consume from the committed offset up to the current end; return records consumed."""

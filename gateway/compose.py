@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import orjson
 from aiohttp import web
@@ -45,21 +48,31 @@ class Embedded:
         self.audit = AuditConsumer(eventlog, store)
         self.counters = CountersConsumer(eventlog, store)
         self._tasks: list[asyncio.Task[None]] = []
+        self._lock: IO[str] | None = None
 
     @classmethod
     async def open(cls, cfg: Config, *, run_consumers: bool) -> Embedded:
         data_dir = cfg.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
-        eventlog = open_log(
-            cfg.eventlog.backend, data_dir, cfg.eventlog.durability, cfg.eventlog.flush_interval_ms
-        )
-        await eventlog.open()
+        lock = lock_data_dir(data_dir) if cfg.store.clickhouse == "embedded" else None
+        try:
+            eventlog = open_log(
+                cfg.eventlog.backend, data_dir, cfg.eventlog.durability, cfg.eventlog.flush_interval_ms
+            )
+            await eventlog.open()
+        except BaseException:
+            if lock is not None:
+                lock.close()
+            raise
         try:
             store = await open_store(cfg.store.clickhouse, data_dir)
         except BaseException:
             await eventlog.close()
+            if lock is not None:
+                lock.close()
             raise
         self = cls(cfg, eventlog, store)
+        self._lock = lock
         if run_consumers:
             self._tasks = [
                 asyncio.create_task(self._supervise(self.audit), name="audit-consumer"),
@@ -153,6 +166,34 @@ class Embedded:
             await self.store.close()
         finally:
             await self.log.close()
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+
+
+class DataDirBusy(RuntimeError):
+    pass
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """One process owns an embedded store (chDB) at a time: take an exclusive lock on
+    data_dir/lock or say clearly who holds it."""
+    f = open(data_dir / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DataDirBusy(
+            f"the embedded store in {data_dir} is in use by {holder}; "
+            "ask that gateway over its admin API, or stop it first"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"ledgergate pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def longest_window_s(policies: PolicySet) -> int:

@@ -15,6 +15,7 @@ Kinds:
 from __future__ import annotations
 
 import os
+import random
 import time
 from typing import Annotated, Any, Literal
 
@@ -27,13 +28,18 @@ Decision = Literal["allow", "deny", "rate_limited", "invalid_arguments", "pendin
 Outcome = Literal["ok", "is_error", "jsonrpc_error", "upstream_error", "refused", "cancelled"]
 
 
+_rand_bits = random.Random(int.from_bytes(os.urandom(16), "big")).getrandbits
+
+
 def uuid7() -> str:
     """A UUIDv7 (RFC 9562): 48-bit ms timestamp, version 7, variant 10, 74 random bits.
 
     Sortable by time, so event ids double as a rough order across gateway instances.
+    The random bits come from a per-process PRNG seeded from os.urandom: ids must be
+    unique, not secret, and a syscall per event is measurable on the hot path.
     """
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = _rand_bits(80)
     value = (ms & 0xFFFF_FFFF_FFFF) << 80
     value |= 0x7 << 76
     value |= ((rand >> 62) & 0xFFF) << 64
@@ -101,7 +107,9 @@ class CallDecided(_Event):
     client_version: str | None = None
     remote: str | None = None
     arguments: dict[str, Any] | None = Field(None, description="tool arguments after redaction")
-    args_sha256: str | None = Field(None, description="sha256 of the canonical JSON of the original arguments")
+    args_sha256: str | None = Field(
+        None, description="sha256 of the canonical JSON of the original arguments"
+    )
     decision: Decision
     rule: str | None = Field(None, description="JSON Pointer into the policy file")
     reason: str | None = None

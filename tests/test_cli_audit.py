@@ -313,3 +313,19 @@ async def test_gateway_store_failure_is_exit_3(tmp_path: Path) -> None:
     async with stand_in_gateway(cfg_path, None, answer):
         result = await acli("audit", "denials", "-c", cfg_path)
     assert result.returncode == 3 and "admin API" in result.stderr
+
+
+def test_a_data_dir_held_by_another_process_is_a_clear_exit_3(tmp_path: Path) -> None:
+    from gateway.compose import lock_data_dir
+
+    cfg_path = config(tmp_path / "held")
+    data_dir = load_config(cfg_path).data_dir
+    data_dir.mkdir(parents=True)
+    held = lock_data_dir(data_dir)  # as a gateway started with --listen elsewhere would
+    try:
+        result = cli("audit", "denials", "-c", cfg_path)
+    finally:
+        held.close()
+    assert result.returncode == 3, result.stderr
+    assert f"in use by ledgergate pid {os.getpid()}" in result.stderr
+    assert ok(cli("audit", "denials", "-c", cfg_path, "--format", "csv")).splitlines()[0].startswith("agent")

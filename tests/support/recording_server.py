@@ -11,7 +11,7 @@ import os
 from mcp.server.mcpserver import MCPServer
 
 server = MCPServer("recording-upstream")
-_record = open(os.environ["RECORD_FILE"], "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+_record = open(os.environ["RECORD_FILE"], "a", buffering=1)
 
 
 @server.tool()
