@@ -136,7 +136,7 @@ async def running_gateway(
 def start_gateway_process(
     config_path: Path, log_path: Path, env: dict[str, str] | None = None
 ) -> tuple[Any, str]:
-    """`ledgergate run --config` as a real separate process; returns (handle, base URL) once /healthz answers."""
+    """`ledgergate run --config` as a separate process; (handle, base URL) once /healthz answers."""
     import sys
 
     from tests.support.procs import start_process, wait_http
