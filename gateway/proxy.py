@@ -40,10 +40,6 @@ log = logging.getLogger("ledgergate.proxy")
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
-class LogUnavailableError(Exception):
-    """Raised by an addon when the decision cannot be made durable: the call is not forwarded."""
-
-
 class Proxy:
     def __init__(
         self,

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from gateway import jsonrpc
 from gateway.sse import SseSplitter, format_event
-from gateway.upstream import BODY, OnOpen, Transform, Upstream, error_response, json_response
+from gateway.upstream import BODY, OnOpen, Transform, Upstream, error_response
 
 if TYPE_CHECKING:
     from gateway.flow import CallFlow
@@ -258,6 +258,3 @@ class HttpUpstream(Upstream):
         except _NETWORK_ERRORS:
             pass
 
-
-def json_error_for(flow: CallFlow, code: int, text: str, upstream: str) -> web.Response:
-    return json_response(jsonrpc.error(flow.request_id, code, text, {"upstream": upstream}))
