@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from gateway import jsonrpc
+from gateway.httpclient import Response, UpstreamError, UpstreamPool
 from gateway.sse import SseSplitter, format_event
 from gateway.upstream import BODY, OnOpen, Transform, Upstream, error_response
 
@@ -29,7 +30,8 @@ log = logging.getLogger("ledgergate.upstream.http")
 
 _FORWARD_REQ = ("accept", "content-type", "mcp-protocol-version", "last-event-id", "user-agent")
 _FORWARD_RESP = ("content-type", "cache-control", "x-accel-buffering", "allow")
-_NETWORK_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+_NETWORK_ERRORS = (UpstreamError, asyncio.TimeoutError, OSError)
+_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 
 
 class HttpUpstream(Upstream):
@@ -38,28 +40,18 @@ class HttpUpstream(Upstream):
         self.url = url
         self.timeout_s = timeout_s
         self.max_body_bytes = max_body_bytes
-        self._http: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.timeout_s),
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-        )
+        # a lean keep-alive HTTP/1.1 client (gateway/httpclient.py): aiohttp's client costs
+        # ~4x the CPU per request, and this is the hot path of every forwarded call
+        self.pool = UpstreamPool(url, connect_timeout=10.0)
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
+        await self.pool.close()
 
-    @property
-    def http(self) -> aiohttp.ClientSession:
-        assert self._http is not None, "HttpUpstream.start() not called"
-        return self._http
-
-    def _headers(self, req: web.Request, session: Session | None) -> dict[str, str]:
-        h = {k: v for k in _FORWARD_REQ if (v := req.headers.get(k)) is not None}
+    def _headers(self, req: web.Request, session: Session | None) -> list[tuple[str, str]]:
+        headers = req.headers
+        h = [(k, v) for k in _FORWARD_REQ if (v := headers.get(k)) is not None]
         if session is not None and session.upstream_session:
-            h["Mcp-Session-Id"] = session.upstream_session
+            h.append(("Mcp-Session-Id", session.upstream_session))
         return h
 
     def _failure(self, exc: BaseException) -> tuple[int, str]:
@@ -73,7 +65,7 @@ class HttpUpstream(Upstream):
             f"upstream {self.name!r} unreachable: {exc.__class__.__name__}: {exc}",
         )
 
-    def _resp_headers(self, up: aiohttp.ClientResponse, session: Session | None) -> dict[str, str]:
+    def _resp_headers(self, up: Response, session: Session | None) -> dict[str, str]:
         h = {k: v for k in _FORWARD_RESP if (v := up.headers.get(k)) is not None}
         if session is not None:
             h["Mcp-Session-Id"] = session.id
@@ -85,7 +77,9 @@ class HttpUpstream(Upstream):
         flow.forwarded_at = time.perf_counter()
         body = req[BODY]
         try:
-            up = await self.http.post(self.url, data=body, headers=self._headers(req, session))
+            up = await self.pool.request(
+                "POST", self._headers(req, session), body, read_timeout=self.timeout_s
+            )
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             flow.finish("upstream_error", code=code, message=text)
@@ -135,7 +129,7 @@ class HttpUpstream(Upstream):
         self,
         flow: CallFlow,
         req: web.Request,
-        up: aiohttp.ClientResponse,
+        up: Response,
         session: Session,
         transform: Transform,
     ) -> web.StreamResponse:
@@ -144,7 +138,7 @@ class HttpUpstream(Upstream):
         splitter = SseSplitter()
         nbytes = 0
         try:
-            async for chunk in up.content.iter_any():
+            async for chunk in up:
                 for ev in splitter.feed(chunk):
                     raw = ev.raw
                     if ev.data and flow.outcome is None:
@@ -157,7 +151,7 @@ class HttpUpstream(Upstream):
                 flow.finish(
                     "upstream_error", message="upstream closed the stream before answering", nbytes=nbytes
                 )
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except _CLIENT_GONE:
             # the client went away; per spec that is not a cancellation of the call
             if flow.outcome is None:
                 flow.finish("cancelled", message="client disconnected before the answer", nbytes=nbytes)
@@ -169,11 +163,11 @@ class HttpUpstream(Upstream):
                 err = jsonrpc.error_bytes(flow.request_id, code, text, {"upstream": self.name})
                 try:
                     await resp.write(format_event(err))
-                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                except _CLIENT_GONE:
                     pass
         try:
             await resp.write_eof()
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except _CLIENT_GONE:
             pass
         return resp
 
@@ -205,9 +199,11 @@ class HttpUpstream(Upstream):
         self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request
     ) -> web.StreamResponse:
         try:
-            async with self.http.post(self.url, data=body, headers=self._headers(req, session)) as up:
-                data = await up.read()
-                return web.Response(body=data, status=up.status, headers=self._resp_headers(up, session))
+            up = await self.pool.request(
+                "POST", self._headers(req, session), body, read_timeout=self.timeout_s
+            )
+            data = await up.read()
+            return web.Response(body=data, status=up.status, headers=self._resp_headers(up, session))
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             return error_response(502, code, text, None, {"upstream": self.name})
@@ -215,11 +211,7 @@ class HttpUpstream(Upstream):
     async def open_stream(self, session: Session, req: web.Request) -> web.StreamResponse:
         headers = self._headers(req, session)
         try:
-            up = await self.http.get(
-                self.url,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=None),
-            )
+            up = await self.pool.request("GET", headers, read_timeout=None)
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             return error_response(502, code, text, None, {"upstream": self.name})
@@ -230,10 +222,10 @@ class HttpUpstream(Upstream):
             resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, session))
             await resp.prepare(req)
             try:
-                async for chunk in up.content.iter_any():
+                async for chunk in up:
                     await resp.write(chunk)
                 await resp.write_eof()
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError, *_NETWORK_ERRORS):
+            except (*_CLIENT_GONE, *_NETWORK_ERRORS):
                 pass
             return resp
         finally:
@@ -241,20 +233,21 @@ class HttpUpstream(Upstream):
 
     async def end_session(self, session: Session, req: web.Request) -> web.StreamResponse:
         try:
-            async with self.http.delete(self.url, headers=self._headers(req, session)) as up:
-                data = await up.read()
-                return web.Response(body=data, status=up.status, headers=self._resp_headers(up, None))
+            up = await self.pool.request("DELETE", self._headers(req, session), read_timeout=self.timeout_s)
+            data = await up.read()
+            return web.Response(body=data, status=up.status, headers=self._resp_headers(up, None))
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             return error_response(502, code, text, None, {"upstream": self.name})
 
     async def forget(self, session: Session) -> None:
         """Best-effort DELETE upstream for a session the gateway expired."""
-        if not session.upstream_session or self._http is None:
+        if not session.upstream_session:
             return
         try:
-            async with self.http.delete(self.url, headers={"Mcp-Session-Id": session.upstream_session}) as up:
-                await up.read()
+            up = await self.pool.request(
+                "DELETE", [("Mcp-Session-Id", session.upstream_session)], read_timeout=self.timeout_s
+            )
+            await up.read()
         except _NETWORK_ERRORS:
             pass
-
