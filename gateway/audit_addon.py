@@ -46,10 +46,12 @@ class AuditAddon(Addon):
         instance_id: str,
         policies: PolicySet | None = None,
         flush_interval_s: float = 0.005,
+        server_redact: dict[str, list[str]] | None = None,
     ) -> None:
         self.log = eventlog
         self.instance = instance_id
         self.policies = policies
+        self.server_redact = server_redact or {}
         self.flush_interval_s = flush_interval_s
         self._pending: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -83,10 +85,11 @@ class AuditAddon(Addon):
         assert d is not None
         session = flow.session
         args = flow.arguments if flow.method == "tools/call" else None
-        if args is not None and self.policies is not None:
-            stored = redact(args, list(self.policies[flow.server].redact_paths(flow.tool)))
-        elif args is not None:
-            stored = redact(args, [])
+        if args is not None:
+            paths = self.server_redact.get(flow.server, [])
+            if self.policies is not None:
+                paths = [*paths, *self.policies[flow.server].redact_paths(flow.tool)]
+            stored = redact(args, paths)
         else:
             stored = None
         ev = self._base("call.decided")

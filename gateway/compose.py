@@ -250,7 +250,11 @@ async def serve(
 ) -> None:
     """Run the gateway with its embedded log, store and consumers until SIGINT/SIGTERM (or `stop`)."""
     embedded = await Embedded.open(cfg, run_consumers=True)
-    addon = AuditAddon(embedded.log, instance_id(cfg.gateway.instance_id))
+    addon = AuditAddon(
+        embedded.log,
+        instance_id(cfg.gateway.instance_id),
+        server_redact={name: srv.redact for name, srv in cfg.servers.items() if srv.redact},
+    )
     try:
         app = build_app(
             cfg, addons=[addon], clock=clock, admin=embedded.answer if cfg.gateway.admin_token else None

@@ -68,6 +68,9 @@ class ServerSection(_Section):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     policy: str
+    redact: list[str] = Field(
+        default_factory=list, description="argument key paths masked in the audit trail for every tool"
+    )
 
     @model_validator(mode="after")
     def _one_transport(self) -> ServerSection:

@@ -1,0 +1,112 @@
+"""The audit addon writes events exactly in the shape of the pydantic models in schemas/events.py
+(they are built as dicts for speed: these tests validate every kind against the models), and it
+writes ahead: the decision is on the log when decided() returns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from eventlog import SqliteEventLog
+from gateway.addons import AddonChain
+from gateway.audit_addon import AuditAddon
+from gateway.auth import Grant
+from gateway.flow import CallFlow
+from gateway.limiter import Limiter
+from gateway.policies import PolicySet
+from gateway.policy import Call, decide
+from gateway.sessions import Session
+from schemas.events import CallCompleted, CallDecided, PolicyLoaded, SessionClosed, SessionOpened, decode
+
+POLICY = (
+    '{"version":"1","default":"deny","tools":{"send_message":{"redact":["content"],'
+    '"limits":[{"counter":"msgs","window":"hour","max":5,"scope":"agent"}]}}}'
+)
+
+
+async def test_every_event_validates_against_its_model(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text(POLICY)
+    log = SqliteEventLog(tmp_path / "events.db", durability="strict")
+    await log.open()
+    addon = AuditAddon(log, "gw-1", server_redact={"wa": ["credentials.*"]})
+    policies = PolicySet({"wa": tmp_path / "p.json"}, AddonChain([addon]))
+    policies.load_all()
+    addon.policies = policies
+    grant = Grant("alice", "bot-a", b"\0" * 32)
+    session = Session(
+        id="s-1",
+        server="wa",
+        grant=grant,
+        remote="127.0.0.1",
+        protocol_version="2025-11-25",
+        client_name="claude",
+        client_version="1.0",
+    )
+    addon.session_opened(session)
+    args = {
+        "phone_number": "+1",
+        "content": "hello",
+        "credentials": {"user": "u", "pin": "1234"},
+        "api_key": "sk-1",
+    }
+    flow = CallFlow(
+        server="wa",
+        method="tools/call",
+        request_id=7,
+        grant=grant,
+        session=session,
+        remote="127.0.0.1",
+        params={"name": "send_message", "arguments": args},
+        tool="send_message",
+        policy_version=policies["wa"].version,
+    )
+    limiter = Limiter()
+    flow.decision = decide(
+        Call("wa", "tools/call", "send_message", "alice", "bot-a", "s-1", args),
+        policies["wa"],
+        limiter.view(),
+        1_700_000_000.0,
+    )
+    limiter.charge(flow.decision)
+    await addon.decided(flow)
+    # write-ahead: durable (strict) when decided() returns, together with what was queued before
+    kinds = [decode(r.payload).kind for r in await log.read(0)]
+    assert kinds == ["policy.loaded", "session.opened", "call.decided"]
+    flow.forwarded_at = flow.started
+    flow.observe({"jsonrpc": "2.0", "id": 7, "result": {"content": [], "isError": True}}, 42)
+    addon.completed(flow)
+    addon.session_closed(session, "deleted")
+    await addon.close()
+    events = [decode(r.payload) for r in await log.read(0)]
+    await log.close()
+    assert [type(e) for e in events] == [
+        PolicyLoaded,
+        SessionOpened,
+        CallDecided,
+        CallCompleted,
+        SessionClosed,
+    ]
+    decided = events[2]
+    assert isinstance(decided, CallDecided)
+    assert decided.call_id == events[3].call_id == flow.call_id
+    assert decided.arguments == {
+        "phone_number": "+1",
+        "content": "[REDACTED]",
+        "credentials": {"user": "[REDACTED]", "pin": "[REDACTED]"},
+        "api_key": "[REDACTED]",
+    }
+    assert decided.args_sha256 is not None and len(decided.args_sha256) == 64
+    assert (decided.decision, decided.rule, decided.grant, decided.agent) == (
+        "allow",
+        "/tools/send_message",
+        "alice",
+        "bot-a",
+    )
+    assert decided.request_id == "7" and decided.client_name == "claude"
+    assert [c.counter for c in decided.charges] == ["msgs"] and decided.charges[0].key == "bot-a"
+    assert decided.counters[0].count == 1 and decided.counters[0].max == 5
+    assert decided.policy_version == policies["wa"].version
+    completed = events[3]
+    assert isinstance(completed, CallCompleted)
+    assert completed.outcome == "is_error" and completed.response_bytes == 42
+    assert events[4].reason == "deleted"
+    assert len({e.event_id for e in events}) == 5
