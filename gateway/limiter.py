@@ -83,6 +83,10 @@ class Limiter:
             if key.window_start + key.window_s > now:
                 self._add(key)
 
+    def add(self, key: CounterKey, n: int) -> None:
+        """Rebuild: add `n` charges of one cell (the caller checked its window is open)."""
+        self._add(key, n)
+
     def snapshot(self) -> dict[str, int]:
         """{"counter:scope:key:window_s:window_start": count} for metrics and debugging."""
         return {

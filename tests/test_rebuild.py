@@ -1,0 +1,105 @@
+"""Rate-limit counters rebuilt from the log (what a restart does), including events whose
+agent-controlled arguments try to look like other fields."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from eventlog import SqliteEventLog
+from gateway.addons import AddonChain
+from gateway.audit_addon import AuditAddon
+from gateway.auth import Grant
+from gateway.compose import rebuild_limiters
+from gateway.flow import CallFlow
+from gateway.limiter import Limiter
+from gateway.policies import PolicySet
+from gateway.policy import Call, decide
+
+POLICY = (
+    '{"version":"1","default":"deny","tools":{"t":{"limits":['
+    '{"counter":"per_min","window":"minute","max":3,"scope":"grant"},'
+    '{"counter":"per_day","window":"day","max":100,"scope":"agent"}]}}}'
+)
+NOW = 1_700_000_010.0  # 10 s into a minute window
+
+
+async def test_restart_rebuilds_the_same_counters_and_ignores_look_alike_arguments(tmp_path: Path) -> None:
+    (tmp_path / "p.json").write_text(POLICY)
+    log = SqliteEventLog(tmp_path / "events.db", durability="strict")
+    await log.open()
+    addon = AuditAddon(log, "gw")
+    policies = PolicySet({"srv": tmp_path / "p.json"}, AddonChain([addon]))
+    policies.load_all()
+    live = Limiter()
+    grant = Grant("g", "agent-1", b"\0" * 32)
+    tricky = [
+        {"charges": [], "decision": "deny", "kind": "call.completed"},  # fake "no charges"/"deny"/kind
+        {"note": 'has "decision":"allow" and "charges":[] inside a string'},
+        {},
+        {"server": "other"},
+    ]
+    outcomes = []
+    for args in [*tricky, {}]:
+        flow = CallFlow(
+            server="srv",
+            method="tools/call",
+            request_id=1,
+            params={"name": "t", "arguments": args},
+            grant=grant,
+            session=None,
+            remote=None,
+            tool="t",
+        )
+        flow.decision = decide(
+            Call("srv", "tools/call", "t", "g", "agent-1", None, args), policies["srv"], live.view(), NOW
+        )
+        live.charge(flow.decision)
+        outcomes.append(flow.decision.action)
+        await addon.decided(flow)
+    assert outcomes == ["allow", "allow", "allow", "rate_limited", "rate_limited"]
+    # a denied call whose arguments fake an allow with charges must not be counted either
+    await log.append(
+        [
+            orjson.dumps(
+                {
+                    "kind": "call.decided",
+                    "event_id": "x" * 36,
+                    "server": "srv",
+                    "arguments": {
+                        "decision": "allow",
+                        "charges": [
+                            {
+                                "counter": "per_min",
+                                "key": "g",
+                                "scope": "grant",
+                                "window_start": 1_700_000_000,
+                                "window_s": 60,
+                            }
+                        ],
+                    },
+                    "decision": "deny",
+                    "charges": [],
+                }
+            )
+        ]
+    )
+    await addon.close()
+
+    rebuilt = Limiter()
+    folded = await rebuild_limiters(log, {"srv": rebuilt}, 86_400, NOW + 5)
+    await log.close()
+    assert folded == 6  # 3 allowed calls x 2 counters
+    assert dict(rebuilt.view()) == dict(live.view())
+    # and it decides exactly as the live limiter did: the minute is used up, the day is not
+    d = decide(
+        Call("srv", "tools/call", "t", "g", "agent-1", None, {}), policies["srv"], rebuilt.view(), NOW + 5
+    )
+    assert d.action == "rate_limited" and d.rule == "/tools/t/limits/0"
+    # a minute later only the day counter survives a rebuild
+    later = Limiter()
+    log2 = SqliteEventLog(tmp_path / "events.db")
+    await log2.open()
+    assert await rebuild_limiters(log2, {"srv": later}, 86_400, NOW + 60) == 3
+    await log2.close()
