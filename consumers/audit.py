@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -143,18 +143,36 @@ class LogConsumer:
                         await asyncio.wait_for(self._poke.wait(), self.linger_s)
                     self._poke.clear()
 
+    async def _batches(self, offset: int, end: int) -> AsyncIterator[list[Record]]:
+        """Batches of [offset, end), reading the next batch (log thread) while the caller
+        inserts the current one (ClickHouse thread): the two overlap instead of taking turns."""
+        pending = (
+            asyncio.ensure_future(self.log.read(offset, min(self.batch, end - offset)))
+            if offset < end
+            else None
+        )
+        try:
+            while pending is not None:
+                records = await pending
+                pending = None
+                if not records:
+                    return
+                offset = records[-1].offset + 1
+                if offset < end:
+                    pending = asyncio.ensure_future(self.log.read(offset, min(self.batch, end - offset)))
+                yield records
+        finally:
+            if pending is not None:
+                pending.cancel()
+
     async def catch_up(self) -> int:
         """Consume from the committed offset up to the current end; return records consumed."""
         offset = await self.log.committed(self.name)
         end = await self.log.end_offset()
         done = 0
-        while offset < end:
-            records = await self.log.read(offset, min(self.batch, end - offset))
-            if not records:
-                break
+        async for records in self._batches(offset, end):
             await self._consume(records)
             done += len(records)
-            offset = records[-1].offset + 1
         return done
 
     async def replay(self, from_offset: int = 0, progress: Progress | None = None) -> int:
@@ -164,10 +182,7 @@ class LogConsumer:
         end = await self.log.end_offset()
         total = max(0, end - from_offset)
         offset, done = from_offset, 0
-        while offset < end:
-            records = await self.log.read(offset, min(self.batch, end - offset))
-            if not records:
-                break
+        async for records in self._batches(from_offset, end):
             await self._consume(records, commit=False)
             done += len(records)
             offset = records[-1].offset + 1
