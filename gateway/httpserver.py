@@ -564,11 +564,10 @@ class _Conn(asyncio.Protocol):
             raise ConnectionResetError("the client disconnected")
 
     def eof_received(self) -> bool | None:
-        # the client half-closed: answer what it sent, then close
+        # the client closed its side: treat it as gone (like aiohttp), so a handler streaming
+        # to it, or waiting for an upstream on its behalf, is cancelled
         self.must_close = True
         self.stopped = True
-        if self.busy or self.queue:
-            return True
         return None
 
     def data_received(self, data: bytes) -> None:
