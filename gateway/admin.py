@@ -37,7 +37,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp import web
+
+from gateway.httpserver import App, Request, Response
 
 log = logging.getLogger("ledgergate.admin")
 
@@ -128,19 +129,17 @@ def answer_json(columns: list[str], rows: list[tuple[Any, ...]]) -> bytes:
         return orjson.dumps({"columns": list(columns), "rows": fixed}, default=_default)
 
 
-def _json(status: int, doc: Any, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps(doc), content_type="application/json", headers=headers
-    )
+def _json(status: int, doc: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(status=status, body=orjson.dumps(doc), content_type="application/json", headers=headers)
 
 
-def _error(status: int, kind: str, message: str) -> web.Response:
+def _error(status: int, kind: str, message: str) -> Response:
     headers = {"WWW-Authenticate": 'Bearer realm="ledgergate-admin"'} if status == 401 else None
     return _json(status, {"error": kind, "message": message}, headers)
 
 
 def add_admin_routes(
-    app: web.Application,
+    app: App,
     token: str,
     answer: AnswerFn,
     reload: ReloadFn | None = None,
@@ -150,11 +149,11 @@ def add_admin_routes(
         raise ValueError("the admin API needs a non-empty admin token")
     expected = f"Bearer {token}".encode()
 
-    def authorized(req: web.Request) -> bool:
+    def authorized(req: Request) -> bool:
         given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         return hmac.compare_digest(given, expected)
 
-    async def run(question: str, params: dict[str, Any]) -> web.Response:
+    async def run(question: str, params: dict[str, Any]) -> Response:
         try:
             columns, rows = await answer(question, params)
         except Exception as exc:
@@ -162,9 +161,9 @@ def add_admin_routes(
             if status >= 500:
                 log.error("admin %s failed: %s: %s", question, type(exc).__name__, exc, exc_info=exc)
             return _error(status, kind, str(exc) or type(exc).__name__)
-        return web.Response(body=answer_json(columns, rows), content_type="application/json")
+        return Response(body=answer_json(columns, rows), content_type="application/json")
 
-    async def audit(req: web.Request) -> web.Response:
+    async def audit(req: Request) -> Response:
         if not authorized(req):
             return _error(401, "unauthorized", "missing or wrong admin token")
         question = req.match_info["question"]
@@ -182,7 +181,7 @@ def add_admin_routes(
             return _error(400, "bad_request", "who: the tool filter is required (?tool=NAME)")
         return await run(question, params)
 
-    async def sql(req: web.Request) -> web.Response:
+    async def sql(req: Request) -> Response:
         if not authorized(req):
             return _error(401, "unauthorized", "missing or wrong admin token")
         try:
@@ -199,13 +198,13 @@ def add_admin_routes(
             return _error(400, "bad_request", "params must be an object of name -> value")
         return await run("sql", {"sql": body["sql"], "params": params})
 
-    async def do_reload(req: web.Request) -> web.Response:
+    async def do_reload(req: Request) -> Response:
         if not authorized(req):
             return _error(401, "unauthorized", "missing or wrong admin token")
         assert reload is not None
         return _json(200, reload())
 
-    app.router.add_get("/admin/audit/{question:who|calls|denials}", audit)
-    app.router.add_post("/admin/audit/sql", sql)
+    app.add_get("/admin/audit/{question:who|calls|denials}", audit)
+    app.add_post("/admin/audit/sql", sql)
     if reload is not None:
-        app.router.add_post("/admin/policies/reload", do_reload)
+        app.add_post("/admin/policies/reload", do_reload)

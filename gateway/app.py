@@ -1,4 +1,4 @@
-"""Assemble the aiohttp application from a config: upstreams, policies, proxy, addons."""
+"""Assemble the HTTP app (gateway.httpserver.App) from a config: upstreams, policies, proxy, addons."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
 from gateway.addons import Addon, AddonChain
 from gateway.auth import Authenticator
 from gateway.config import Config
+from gateway.httpserver import App
 from gateway.policies import PolicySet
 from gateway.proxy import Proxy, health
 from gateway.upstream import Upstream
@@ -22,8 +21,8 @@ from gateway.upstream_stdio import StdioUpstream
 
 log = logging.getLogger("ledgergate")
 
-PROXY_KEY = web.AppKey("proxy", Proxy)
-POLICIES_KEY = web.AppKey("policies", PolicySet)
+PROXY_KEY = "proxy"  # app[PROXY_KEY] is the Proxy
+POLICIES_KEY = "policies"  # app[POLICIES_KEY] is the PolicySet
 
 
 def build_upstreams(cfg: Config) -> dict[str, Upstream]:
@@ -45,7 +44,7 @@ def build_app(
     background: list[Any] | None = None,
     clock: Callable[[], float] = time.time,
     admin: Callable[[str, dict[str, Any]], Awaitable[tuple[list[str], list[tuple[Any, ...]]]]] | None = None,
-) -> web.Application:
+) -> App:
     """The gateway app. `addons` hook into every flow (audit, metrics); `background` are
     extra coroutine factories (consumers) run for the app's lifetime."""
     chain = AddonChain(addons)
@@ -64,20 +63,20 @@ def build_app(
         allowed_origins=cfg.gateway.allowed_origins,
         clock=clock,
     )
-    # the body is read (bounded) by the proxy itself, so it can answer 413 with a JSON-RPC error
-    app = web.Application(client_max_size=cfg.gateway.max_body_bytes + 1)
+    # a body over max_body_bytes reaches the proxy unread, so it answers 413 with a JSON-RPC error
+    app = App(max_body_bytes=cfg.gateway.max_body_bytes)
     app[PROXY_KEY] = proxy
     app[POLICIES_KEY] = policies
-    app.router.add_post("/mcp/{server}", proxy.post)
-    app.router.add_get("/mcp/{server}", proxy.get)
-    app.router.add_delete("/mcp/{server}", proxy.delete)
-    app.router.add_get("/healthz", health(proxy))
+    app.add_post("/mcp/{server}", proxy.post)
+    app.add_get("/mcp/{server}", proxy.get)
+    app.add_delete("/mcp/{server}", proxy.delete)
+    app.add_get("/healthz", health(proxy))
     if admin is not None and cfg.gateway.admin_token:
         from gateway.admin import add_admin_routes
 
         add_admin_routes(app, cfg.gateway.admin_token, admin, policies.reload)
 
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+    async def lifecycle(app: App) -> AsyncIterator[None]:
         for up in upstreams.values():
             await up.start()
         tasks = [

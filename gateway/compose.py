@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from aiohttp import web
 
 from consumers import forensics
 from consumers.audit import AuditConsumer
@@ -29,6 +28,7 @@ from eventlog.base import EventLog
 from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
 from gateway.audit_addon import AuditAddon, instance_id
 from gateway.config import Config
+from gateway.httpserver import HttpServer
 from gateway.limiter import Limiter
 from gateway.policies import PolicySet
 from gateway.policy import CounterKey
@@ -294,10 +294,8 @@ async def serve(
         log.info(
             "rate-limit counters rebuilt from the log: %d charges in %.3f s", folded, time.perf_counter() - t0
         )
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, cfg.gateway.host, cfg.gateway.port)
-        await site.start()
+        server = HttpServer(app, cfg.gateway.host, cfg.gateway.port)
+        await server.start()
         if stop is None:  # standalone: SIGINT/SIGTERM stop it (tests pass their own event)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -318,7 +316,7 @@ async def serve(
                 await r
         await stop.wait()
         log.info("stopping")
-        await runner.cleanup()
+        await server.close()
     finally:
         with contextlib.suppress(Exception):
             await addon.close()

@@ -22,12 +22,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-from aiohttp import web
 
 from gateway import jsonrpc
 from gateway.addons import Addon
 from gateway.auth import Authenticator, Grant
 from gateway.flow import CallFlow
+from gateway.httpserver import BodyTooLarge, Request, Response, StreamResponse
 from gateway.jsonrpc import InvalidMessage, Kind
 from gateway.limiter import Limiter
 from gateway.policies import PolicySet
@@ -67,7 +67,7 @@ class Proxy:
 
     # ---- checks shared by POST, GET and DELETE -------------------------------------------
 
-    def _host_ok(self, req: web.Request) -> bool:
+    def _host_ok(self, req: Request) -> bool:
         host = (req.headers.get("Host") or "").lower()
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if name not in self.allowed_hosts:
@@ -81,7 +81,7 @@ class Proxy:
         oh = urlsplit(origin).hostname
         return oh is not None and (oh in LOOPBACK_HOSTS or oh in self.allowed_hosts)
 
-    def _front(self, req: web.Request) -> tuple[Grant, str] | web.Response:
+    def _front(self, req: Request) -> tuple[Grant, str] | Response:
         if not self._host_ok(req):
             return error_response(
                 403,
@@ -116,7 +116,7 @@ class Proxy:
             )
         return grant, server
 
-    def _session(self, req: web.Request, grant: Grant, server: str) -> Session | web.Response:
+    def _session(self, req: Request, grant: Grant, server: str) -> Session | Response:
         sid = req.headers.get("Mcp-Session-Id")
         if not sid:
             return error_response(
@@ -139,9 +139,9 @@ class Proxy:
 
     # ---- handlers ---------------------------------------------------------------------------
 
-    async def post(self, req: web.Request) -> web.StreamResponse:
+    async def post(self, req: Request) -> StreamResponse:
         front = self._front(req)
-        if isinstance(front, web.Response):
+        if isinstance(front, Response):
             return front
         grant, server = front
         if req.content_length is not None and req.content_length > self.max_body_bytes:
@@ -159,15 +159,15 @@ class Proxy:
         if kind is Kind.REQUEST and msg["method"] == "initialize":
             return await self._initialize(req, msg, grant, server, upstream)
         session = self._session(req, grant, server)
-        if isinstance(session, web.Response):
+        if isinstance(session, Response):
             return session
         if kind is not Kind.REQUEST:
             return await upstream.send(session, body, msg, req)
         return await self._call(req, msg, grant, server, session, upstream)
 
-    async def get(self, req: web.Request) -> web.StreamResponse:
+    async def get(self, req: Request) -> StreamResponse:
         front = self._front(req)
-        if isinstance(front, web.Response):
+        if isinstance(front, Response):
             return front
         grant, server = front
         if "text/event-stream" not in req.headers.get("Accept", ""):
@@ -175,7 +175,7 @@ class Proxy:
                 406, jsonrpc.INVALID_REQUEST, "Not Acceptable: GET needs Accept: text/event-stream"
             )
         session = self._session(req, grant, server)
-        if isinstance(session, web.Response):
+        if isinstance(session, Response):
             return session
         session.active += 1
         try:
@@ -184,13 +184,13 @@ class Proxy:
             session.active -= 1
             session.touch()
 
-    async def delete(self, req: web.Request) -> web.StreamResponse:
+    async def delete(self, req: Request) -> StreamResponse:
         front = self._front(req)
-        if isinstance(front, web.Response):
+        if isinstance(front, Response):
             return front
         grant, server = front
         session = self._session(req, grant, server)
-        if isinstance(session, web.Response):
+        if isinstance(session, Response):
             return session
         resp = await self.upstreams[server].end_session(session, req)
         if resp.status < 300 or resp.status == 404:
@@ -200,8 +200,8 @@ class Proxy:
     # ---- the call path ----------------------------------------------------------------------
 
     async def _initialize(
-        self, req: web.Request, msg: dict[str, Any], grant: Grant, server: str, upstream: Upstream
-    ) -> web.StreamResponse:
+        self, req: Request, msg: dict[str, Any], grant: Grant, server: str, upstream: Upstream
+    ) -> StreamResponse:
         params = msg.get("params") or {}
         info = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
         session = Session(
@@ -224,14 +224,14 @@ class Proxy:
 
     async def _call(
         self,
-        req: web.Request,
+        req: Request,
         msg: dict[str, Any],
         grant: Grant,
         server: str,
         session: Session,
         upstream: Upstream,
         on_open: Callable[[Session], None] | None = None,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         method: str = msg["method"]
         params = msg.get("params")
         flow = CallFlow(
@@ -309,7 +309,7 @@ class Proxy:
                 flow.finish("cancelled", message="the gateway stopped handling the call")
             self.addons.completed(flow)
 
-    def _refuse(self, flow: CallFlow, decision: Decision) -> web.Response:
+    def _refuse(self, flow: CallFlow, decision: Decision) -> Response:
         text = refusal_text(decision)
         blocking = None
         if decision.action == "rate_limited" and decision.rule:
@@ -363,17 +363,14 @@ class Proxy:
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    async def _read_body(self, req: web.Request) -> bytes | None:
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in req.content.iter_any():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+    async def _read_body(self, req: Request) -> bytes | None:
+        try:
+            body = await req.read()  # received whole by the server, bounded by max_body_bytes
+        except BodyTooLarge:
+            return None
+        return None if len(body) > self.max_body_bytes else body
 
-    def _too_large(self) -> web.Response:
+    def _too_large(self) -> Response:
         return error_response(
             413,
             jsonrpc.INVALID_REQUEST,
@@ -404,9 +401,9 @@ class Proxy:
             self._close(s, "shutdown")
 
 
-def health(proxy: Proxy) -> Callable[[web.Request], Any]:
-    async def handler(req: web.Request) -> web.Response:
-        return web.Response(
+def health(proxy: Proxy) -> Callable[[Request], Any]:
+    async def handler(req: Request) -> Response:
+        return Response(
             body=orjson.dumps({"ok": True, "sessions": len(proxy.sessions)}), content_type="application/json"
         )
 

@@ -7,16 +7,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 
 from gateway import jsonrpc
+from gateway.httpserver import Request, Response, StreamResponse
 
 if TYPE_CHECKING:
     from gateway.flow import CallFlow
     from gateway.sessions import Session
 
-BODY = web.RequestKey("lg_body", bytes)  # the POSTed body as received
-MESSAGE = web.RequestKey("lg_msg", dict)  # ... and parsed
+BODY = "lg_body"  # the POSTed body as received
+MESSAGE = "lg_msg"  # ... and parsed
 
 # rewrites the final JSON-RPC response of a request (tools/list filtering); None = untouched
 Transform = Callable[[dict[str, Any]], dict[str, Any]] | None
@@ -35,25 +35,23 @@ class Upstream(abc.ABC):
 
     @abc.abstractmethod
     async def request(
-        self, flow: CallFlow, req: web.Request, session: Session, transform: Transform, on_open: OnOpen
-    ) -> web.StreamResponse:
+        self, flow: CallFlow, req: Request, session: Session, transform: Transform, on_open: OnOpen
+    ) -> StreamResponse:
         """Forward one allowed JSON-RPC request and relay the answer (JSON or a streamed SSE).
 
         Sets the flow's outcome (flow.observe / flow.finish) before returning.
         """
 
     @abc.abstractmethod
-    async def send(
-        self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request
-    ) -> web.StreamResponse:
+    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: Request) -> StreamResponse:
         """Forward a notification or a response from the client; answer 202 or the upstream's status."""
 
     @abc.abstractmethod
-    async def open_stream(self, session: Session, req: web.Request) -> web.StreamResponse:
+    async def open_stream(self, session: Session, req: Request) -> StreamResponse:
         """The GET server-to-client stream (or 405)."""
 
     @abc.abstractmethod
-    async def end_session(self, session: Session, req: web.Request) -> web.StreamResponse:
+    async def end_session(self, session: Session, req: Request) -> StreamResponse:
         """DELETE: end the session upstream too."""
 
     def session_closed(self, session: Session) -> None:  # noqa: B027 - optional hook
@@ -62,9 +60,9 @@ class Upstream(abc.ABC):
 
 def json_response(
     payload: dict[str, Any] | bytes, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
+) -> Response:
     body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+    return Response(body=body, status=status, content_type="application/json", headers=headers)
 
 
 def error_response(
@@ -74,5 +72,5 @@ def error_response(
     id: Any = None,
     data: Any = None,
     headers: dict[str, str] | None = None,
-) -> web.Response:
+) -> Response:
     return json_response(jsonrpc.error_bytes(id, code, message, data), status=status, headers=headers)

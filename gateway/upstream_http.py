@@ -13,12 +13,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
-from aiohttp import web
 
 from gateway import jsonrpc
-from gateway.httpclient import Response, UpstreamError, UpstreamPool
+from gateway.httpclient import Response as UpResponse
+from gateway.httpclient import UpstreamError, UpstreamPool
+from gateway.httpserver import Request, Response, StreamResponse
 from gateway.sse import SseSplitter, format_event
 from gateway.upstream import BODY, OnOpen, Transform, Upstream, error_response
 
@@ -31,7 +31,7 @@ log = logging.getLogger("ledgergate.upstream.http")
 _FORWARD_REQ = ("accept", "content-type", "mcp-protocol-version", "last-event-id", "user-agent")
 _FORWARD_RESP = ("content-type", "cache-control", "x-accel-buffering", "allow")
 _NETWORK_ERRORS = (UpstreamError, asyncio.TimeoutError, OSError)
-_CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+_CLIENT_GONE = (ConnectionResetError,)
 
 
 class HttpUpstream(Upstream):
@@ -47,7 +47,7 @@ class HttpUpstream(Upstream):
     async def close(self) -> None:
         await self.pool.close()
 
-    def _headers(self, req: web.Request, session: Session | None) -> list[tuple[str, str]]:
+    def _headers(self, req: Request, session: Session | None) -> list[tuple[str, str]]:
         headers = req.headers
         h = [(k, v) for k in _FORWARD_REQ if (v := headers.get(k)) is not None]
         if session is not None and session.upstream_session:
@@ -65,15 +65,15 @@ class HttpUpstream(Upstream):
             f"upstream {self.name!r} unreachable: {exc.__class__.__name__}: {exc}",
         )
 
-    def _resp_headers(self, up: Response, session: Session | None) -> dict[str, str]:
+    def _resp_headers(self, up: UpResponse, session: Session | None) -> dict[str, str]:
         h = {k: v for k in _FORWARD_RESP if (v := up.headers.get(k)) is not None}
         if session is not None:
             h["Mcp-Session-Id"] = session.id
         return h
 
     async def request(
-        self, flow: CallFlow, req: web.Request, session: Session, transform: Transform, on_open: OnOpen
-    ) -> web.StreamResponse:
+        self, flow: CallFlow, req: Request, session: Session, transform: Transform, on_open: OnOpen
+    ) -> StreamResponse:
         flow.forwarded_at = time.perf_counter()
         body = req[BODY]
         try:
@@ -104,7 +104,7 @@ class HttpUpstream(Upstream):
                     message=f"upstream answered HTTP {up.status}",
                     nbytes=len(data),
                 )
-            return web.Response(body=data, status=up.status, headers=self._resp_headers(up, session))
+            return Response(body=data, status=up.status, headers=self._resp_headers(up, session))
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             flow.finish("upstream_error", code=code, message=text)
@@ -128,12 +128,12 @@ class HttpUpstream(Upstream):
     async def _relay_sse(
         self,
         flow: CallFlow,
-        req: web.Request,
-        up: Response,
+        req: Request,
+        up: UpResponse,
         session: Session,
         transform: Transform,
-    ) -> web.StreamResponse:
-        resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, session))
+    ) -> StreamResponse:
+        resp = StreamResponse(status=up.status, headers=self._resp_headers(up, session))
         await resp.prepare(req)
         splitter = SseSplitter()
         nbytes = 0
@@ -195,20 +195,18 @@ class HttpUpstream(Upstream):
             flow.observe(msg, len(data))
         return raw
 
-    async def send(
-        self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request
-    ) -> web.StreamResponse:
+    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: Request) -> StreamResponse:
         try:
             up = await self.pool.request(
                 "POST", self._headers(req, session), body, read_timeout=self.timeout_s
             )
             data = await up.read()
-            return web.Response(body=data, status=up.status, headers=self._resp_headers(up, session))
+            return Response(body=data, status=up.status, headers=self._resp_headers(up, session))
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             return error_response(502, code, text, None, {"upstream": self.name})
 
-    async def open_stream(self, session: Session, req: web.Request) -> web.StreamResponse:
+    async def open_stream(self, session: Session, req: Request) -> StreamResponse:
         headers = self._headers(req, session)
         try:
             up = await self.pool.request("GET", headers, read_timeout=None)
@@ -218,8 +216,8 @@ class HttpUpstream(Upstream):
         try:
             if not up.headers.get("content-type", "").startswith("text/event-stream"):
                 data = await up.read()
-                return web.Response(body=data, status=up.status, headers=self._resp_headers(up, session))
-            resp = web.StreamResponse(status=up.status, headers=self._resp_headers(up, session))
+                return Response(body=data, status=up.status, headers=self._resp_headers(up, session))
+            resp = StreamResponse(status=up.status, headers=self._resp_headers(up, session))
             await resp.prepare(req)
             try:
                 async for chunk in up:
@@ -231,11 +229,11 @@ class HttpUpstream(Upstream):
         finally:
             up.release()
 
-    async def end_session(self, session: Session, req: web.Request) -> web.StreamResponse:
+    async def end_session(self, session: Session, req: Request) -> StreamResponse:
         try:
             up = await self.pool.request("DELETE", self._headers(req, session), read_timeout=self.timeout_s)
             data = await up.read()
-            return web.Response(body=data, status=up.status, headers=self._resp_headers(up, None))
+            return Response(body=data, status=up.status, headers=self._resp_headers(up, None))
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             return error_response(502, code, text, None, {"upstream": self.name})

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 
 from gateway import jsonrpc
+from gateway.httpserver import Request, Response, StreamResponse
 from gateway.sse import format_event
 from gateway.upstream import MESSAGE, OnOpen, Transform, Upstream, error_response, json_response
 
@@ -341,8 +341,8 @@ class StdioUpstream(Upstream):
         await asyncio.gather(*(p.stop() for p in self.processes.values()), return_exceptions=True)
 
     async def request(
-        self, flow: CallFlow, req: web.Request, session: Session, transform: Transform, on_open: OnOpen
-    ) -> web.StreamResponse:
+        self, flow: CallFlow, req: Request, session: Session, transform: Transform, on_open: OnOpen
+    ) -> StreamResponse:
         proc = self.process(session.grant.name)
         msg = req[MESSAGE]
         flow.forwarded_at = time.perf_counter()
@@ -389,14 +389,14 @@ class StdioUpstream(Upstream):
     async def _answer(
         self,
         flow: CallFlow,
-        req: web.Request,
+        req: Request,
         session: Session,
         proc: StdioProcess,
         p: Pending,
         uid: int,
         transform: Transform,
         on_open: OnOpen,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         headers = {"Mcp-Session-Id": session.id}
         kind, msg = await self._next(flow, proc, p, uid)
         if kind == _FINAL:
@@ -408,7 +408,7 @@ class StdioUpstream(Upstream):
         if on_open is not None:
             proc.sessions.add(session)
             on_open(session)
-        resp = web.StreamResponse(
+        resp = StreamResponse(
             status=200, headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await resp.prepare(req)
@@ -451,7 +451,7 @@ class StdioUpstream(Upstream):
         transform: Transform,
         on_open: OnOpen,
         headers: dict[str, str],
-    ) -> web.Response:
+    ) -> Response:
         if transform is not None and "result" in msg:
             msg = transform(msg)
         if on_open is not None and "result" in msg:
@@ -461,18 +461,16 @@ class StdioUpstream(Upstream):
         self._observe(flow, msg, len(data))
         return json_response(data, headers=headers)
 
-    async def send(
-        self, session: Session, body: bytes, msg: dict[str, Any], req: web.Request
-    ) -> web.StreamResponse:
+    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: Request) -> StreamResponse:
         proc = self.process(session.grant.name)
         try:
             await proc.ensure()
             proc.notify(msg, body, session)
         except UpstreamDown as exc:
             return error_response(502, jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), None, {"upstream": self.name})
-        return web.Response(status=202)
+        return Response(status=202)
 
-    async def open_stream(self, session: Session, req: web.Request) -> web.StreamResponse:
+    async def open_stream(self, session: Session, req: Request) -> StreamResponse:
         if session.state.get("get_queue") is not None:
             return error_response(
                 409, jsonrpc.INVALID_REQUEST, "Conflict: only one GET stream is allowed per session"
@@ -480,7 +478,7 @@ class StdioUpstream(Upstream):
         q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         session.state["get_queue"] = q
         self.process(session.grant.name).sessions.add(session)
-        resp = web.StreamResponse(
+        resp = StreamResponse(
             status=200,
             headers={
                 "Content-Type": "text/event-stream",
@@ -502,8 +500,8 @@ class StdioUpstream(Upstream):
                 session.state.pop("get_queue", None)
         return resp
 
-    async def end_session(self, session: Session, req: web.Request) -> web.StreamResponse:
-        return web.Response(status=200)
+    async def end_session(self, session: Session, req: Request) -> StreamResponse:
+        return Response(status=200)
 
     def session_closed(self, session: Session) -> None:
         q = session.state.pop("get_queue", None)

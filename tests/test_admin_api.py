@@ -1,4 +1,4 @@
-"""The admin HTTP API on a real aiohttp server, answered by a real embedded store.
+"""The admin HTTP API on the gateway's own HTTP server, answered by a real embedded store.
 
 Events of the shared audit scenario are appended to a real SqliteEventLog and folded
 into a real chDB store by the audit and counters consumers; ``Embedded.answer`` (the
@@ -8,13 +8,14 @@ composition root's answer function) serves the routes. One store for the whole m
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp import ClientSession
 
 from consumers.audit import AuditConsumer
 from consumers.counters import CountersConsumer
@@ -22,6 +23,7 @@ from consumers.store import StoreError, open_store
 from gateway.admin import add_admin_routes, classify_error
 from gateway.compose import Embedded
 from gateway.config import Config
+from gateway.httpserver import App, HttpServer
 from schemas import events as E
 from tests.support.audit_contract import QUOTED_AGENT, RULE_LIMIT, at, open_log, scenario
 
@@ -59,13 +61,20 @@ def reload() -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 async def client(embedded: Embedded):
-    app = web.Application()
+    app = App()
     add_admin_routes(app, TOKEN, embedded.answer, reload)
-    async with TestClient(TestServer(app)) as c:
+    async with serving(app) as c:
         yield c
 
 
-async def get_json(client: TestClient, path: str, status: int = 200, **kw: Any) -> Any:
+@contextlib.asynccontextmanager
+async def serving(app: App) -> AsyncIterator[ClientSession]:
+    """``app`` on a free loopback port; a client session whose base URL is that server."""
+    async with HttpServer(app, "127.0.0.1", 0) as server, ClientSession(base_url=server.url) as c:
+        yield c
+
+
+async def get_json(client: ClientSession, path: str, status: int = 200, **kw: Any) -> Any:
     resp = await client.get(path, headers=AUTH, **kw)
     body = await resp.read()
     assert resp.status == status, body
@@ -73,7 +82,7 @@ async def get_json(client: TestClient, path: str, status: int = 200, **kw: Any) 
     return orjson.loads(body)
 
 
-async def post_sql(client: TestClient, doc: Any, status: int = 200) -> Any:
+async def post_sql(client: ClientSession, doc: Any, status: int = 200) -> Any:
     resp = await client.post("/admin/audit/sql", headers=AUTH, data=orjson.dumps(doc))
     body = await resp.read()
     assert resp.status == status, body
@@ -92,7 +101,7 @@ async def post_sql(client: TestClient, doc: Any, status: int = 200) -> Any:
         {"Authorization": "Bearer "},
     ],
 )
-async def test_missing_or_wrong_token_is_401(client: TestClient, headers: dict[str, str]) -> None:
+async def test_missing_or_wrong_token_is_401(client: ClientSession, headers: dict[str, str]) -> None:
     for method, path in [
         ("GET", "/admin/audit/who?tool=open_session"),
         ("GET", "/admin/audit/calls"),
@@ -107,7 +116,7 @@ async def test_missing_or_wrong_token_is_401(client: TestClient, headers: dict[s
     assert reloads == []
 
 
-async def test_who(client: TestClient) -> None:
+async def test_who(client: ClientSession) -> None:
     doc = await get_json(client, "/admin/audit/who", params={"tool": "open_session"})
     assert doc["columns"] == ["agent", "grant", "allowed", "refused", "first", "last"]
     assert doc["rows"] == [
@@ -132,7 +141,7 @@ async def test_who(client: TestClient) -> None:
     assert doc == {"columns": ["agent", "grant", "allowed", "refused", "first", "last"], "rows": []}
 
 
-async def test_calls(client: TestClient) -> None:
+async def test_calls(client: ClientSession) -> None:
     doc = await get_json(client, "/admin/audit/calls", params={"tool": "send_message"})
     row = dict(zip(doc["columns"], doc["rows"][0], strict=True))
     assert row["call_id"] == "call-007" and row["ts"] == iso(80)
@@ -150,7 +159,7 @@ async def test_calls(client: TestClient) -> None:
     assert by_id["call-006"]["outcome"] is None and by_id["call-006"]["upstream_ms"] is None
 
 
-async def test_denials(client: TestClient) -> None:
+async def test_denials(client: ClientSession) -> None:
     doc = await get_json(client, "/admin/audit/denials")
     assert doc["columns"] == ["agent", "tool", "rule", "count", "first", "last"]
     assert doc["rows"] == [
@@ -165,7 +174,7 @@ async def test_denials(client: TestClient) -> None:
     ]
 
 
-async def test_sql_with_server_side_params(client: TestClient) -> None:
+async def test_sql_with_server_side_params(client: ClientSession) -> None:
     doc = await post_sql(
         client,
         {
@@ -191,7 +200,7 @@ async def test_sql_with_server_side_params(client: TestClient) -> None:
         "SELECT * FROM file('/etc/passwd', 'LineAsString')",
     ],
 )
-async def test_sql_read_only_violation_is_400(client: TestClient, text: str) -> None:
+async def test_sql_read_only_violation_is_400(client: ClientSession, text: str) -> None:
     doc = await post_sql(client, {"sql": text}, status=400)
     assert doc["error"] == "read_only"
     assert "read-only" in doc["message"].lower() or "readonly" in doc["message"].lower()
@@ -199,7 +208,7 @@ async def test_sql_read_only_violation_is_400(client: TestClient, text: str) -> 
     assert doc["rows"] == [[11]]
 
 
-async def test_sql_errors_of_the_query_are_400(client: TestClient) -> None:
+async def test_sql_errors_of_the_query_are_400(client: ClientSession) -> None:
     doc = await post_sql(client, {"sql": "SELECT * FROM no_such_table"}, status=400)
     assert doc["error"] == "query_error" and "no_such_table" in doc["message"]
     doc = await post_sql(client, {"sql": "SELECT {x:UInt8} AS x"}, status=400)
@@ -217,7 +226,7 @@ async def test_sql_errors_of_the_query_are_400(client: TestClient) -> None:
     assert resp.status == 400 and (await resp.json())["error"] == "bad_request"
 
 
-async def test_bad_filters_are_400(client: TestClient) -> None:
+async def test_bad_filters_are_400(client: ClientSession) -> None:
     doc = await get_json(
         client, "/admin/audit/who", status=400, params={"tool": "open_session", "since": "last tuesday"}
     )
@@ -238,7 +247,7 @@ async def test_bad_filters_are_400(client: TestClient) -> None:
     assert resp.status == 404
 
 
-async def test_policy_reload(client: TestClient) -> None:
+async def test_policy_reload(client: ClientSession) -> None:
     resp = await client.post("/admin/policies/reload", headers=AUTH)
     assert resp.status == 200
     assert await resp.json() == {"whatsapp": None, "github": "github.json: /tools: not an object"}
@@ -249,9 +258,9 @@ async def test_store_failures_are_503_and_no_reload_route_without_reload() -> No
     async def broken(question: str, params: dict[str, Any]) -> Any:
         raise StoreError("Code: 210. DB::Exception: Connection refused (NETWORK_ERROR)")
 
-    app = web.Application()
+    app = App()
     add_admin_routes(app, TOKEN, broken)
-    async with TestClient(TestServer(app)) as c:
+    async with serving(app) as c:
         resp = await c.get("/admin/audit/denials", headers=AUTH)
         assert resp.status == 503
         doc = await resp.json()
@@ -259,7 +268,7 @@ async def test_store_failures_are_503_and_no_reload_route_without_reload() -> No
         resp = await c.post("/admin/policies/reload", headers=AUTH)
         assert resp.status in (404, 405)
     with pytest.raises(ValueError):
-        add_admin_routes(web.Application(), "", broken)
+        add_admin_routes(App(), "", broken)
 
 
 def test_classify_error_contract() -> None:

@@ -23,12 +23,12 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import web
 
 from consumers.store import StoreError
 from eventlog.sqlite import SqliteEventLog
 from gateway.admin import add_admin_routes
 from gateway.config import load_config
+from gateway.httpserver import App, HttpServer, Request, Response, json_response
 from schemas import events as E
 from tests.support.audit_contract import QUOTED_AGENT, RULE_LIMIT, at, scenario
 from tests.support.gateway import SEED_POLICY, write_config
@@ -237,21 +237,16 @@ def test_replay_rebuilds_and_changes_no_answer(populated: Path) -> None:
 async def stand_in_gateway(cfg_path: Path, token: str | None, answer: Any) -> AsyncIterator[None]:
     """/healthz like the gateway's, plus the real admin routes, at the config's listen address."""
     cfg = load_config(cfg_path)
-    app = web.Application()
+    app = App()
 
-    async def healthz(req: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "sessions": 0})
+    async def healthz(req: Request) -> Response:
+        return json_response({"ok": True, "sessions": 0})
 
     app.router.add_get("/healthz", healthz)
     if token:
         add_admin_routes(app, token, answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, cfg.gateway.host, cfg.gateway.port).start()
-    try:
+    async with HttpServer(app, cfg.gateway.host, cfg.gateway.port):
         yield
-    finally:
-        await runner.cleanup()
 
 
 async def test_cli_asks_the_running_gateway(tmp_path: Path) -> None:

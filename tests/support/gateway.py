@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
-from aiohttp import web
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from gateway.app import PROXY_KEY, build_app
 from gateway.config import Config, load_config
+from gateway.httpserver import App, HttpServer
 from gateway.proxy import Proxy
 from tests.support.procs import free_port
 
@@ -53,10 +53,10 @@ class FakeClock:
 class RunningGateway:
     base: str
     config: Config
-    app: web.Application
+    app: App
     keys: dict[str, str]
     clock: FakeClock
-    runner: web.AppRunner
+    runner: HttpServer
     extra: dict[str, Any] = field(default_factory=dict)
 
     def url(self, server: str) -> str:
@@ -118,19 +118,17 @@ async def running_gateway(
     config_path: Path,
     keys: dict[str, str],
     clock: FakeClock | None = None,
-    build: Callable[..., web.Application] | None = None,
+    build: Callable[..., App] | None = None,
 ) -> AsyncIterator[RunningGateway]:
     cfg = load_config(config_path)
     clock = clock or FakeClock()
     app = (build or build_app)(cfg, clock=clock)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, cfg.gateway.host, cfg.gateway.port)
-    await site.start()
+    runner = HttpServer(app, cfg.gateway.host, cfg.gateway.port)
+    await runner.start()
     try:
         yield RunningGateway(f"http://{cfg.gateway.host}:{cfg.gateway.port}", cfg, app, keys, clock, runner)
     finally:
-        await runner.cleanup()
+        await runner.close()
 
 
 def start_gateway_process(
