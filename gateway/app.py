@@ -29,9 +29,7 @@ def build_upstreams(cfg: Config) -> dict[str, Upstream]:
     ups: dict[str, Upstream] = {}
     for name, srv in cfg.servers.items():
         if srv.url is not None:
-            ups[name] = HttpUpstream(
-                name, srv.url, cfg.gateway.upstream_timeout_s, cfg.gateway.max_body_bytes
-            )
+            ups[name] = HttpUpstream(name, srv.url, cfg.gateway.upstream_timeout_s)
         else:
             cwd = str(cfg.resolve(srv.cwd)) if srv.cwd else None
             ups[name] = StdioUpstream(name, cfg.command(name), srv.env, cwd, cfg.gateway.upstream_timeout_s)
@@ -41,12 +39,11 @@ def build_upstreams(cfg: Config) -> dict[str, Upstream]:
 def build_app(
     cfg: Config,
     addons: list[Addon] | None = None,
-    background: list[Any] | None = None,
     clock: Callable[[], float] = time.time,
     admin: Callable[[str, dict[str, Any]], Awaitable[tuple[list[str], list[tuple[Any, ...]]]]] | None = None,
 ) -> App:
-    """The gateway app. `addons` hook into every flow (audit, metrics); `background` are
-    extra coroutine factories (consumers) run for the app's lifetime."""
+    """The gateway app. `addons` hook into every flow (audit, metrics); `admin` answers the
+    forensic questions of the admin API (mounted when the config has an admin_token)."""
     chain = AddonChain(addons)
     policies = PolicySet({name: cfg.policy_path(name) for name in cfg.servers}, chain)
     policies.load_all()  # raises PolicyError naming the file: fail at start, never serve without a policy
@@ -83,8 +80,6 @@ def build_app(
             asyncio.create_task(proxy.expire_sessions(), name="expire-sessions"),
             asyncio.create_task(policies.watch(), name="policy-watch"),
         ]
-        for factory in background or ():
-            tasks.append(asyncio.create_task(factory(), name=getattr(factory, "__name__", "background")))
         with contextlib.suppress(NotImplementedError, RuntimeError):
             import signal
 

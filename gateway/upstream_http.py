@@ -35,11 +35,10 @@ _CLIENT_GONE = (ConnectionResetError,)
 
 
 class HttpUpstream(Upstream):
-    def __init__(self, name: str, url: str, timeout_s: float, max_body_bytes: int) -> None:
+    def __init__(self, name: str, url: str, timeout_s: float) -> None:
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
-        self.max_body_bytes = max_body_bytes
         # a lean keep-alive HTTP/1.1 client (gateway/httpclient.py): aiohttp's client costs
         # ~4x the CPU per request, and this is the hot path of every forwarded call
         self.pool = UpstreamPool(url, connect_timeout=10.0)
