@@ -80,7 +80,7 @@ def build_app(
             asyncio.create_task(proxy.expire_sessions(), name="expire-sessions"),
             asyncio.create_task(policies.watch(), name="policy-watch"),
         ]
-        with contextlib.suppress(NotImplementedError, RuntimeError):
+        with contextlib.suppress(RuntimeError):  # a loop outside the main thread has no signals
             import signal
 
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policies.reload)

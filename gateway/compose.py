@@ -300,7 +300,7 @@ async def serve(
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
+                with contextlib.suppress(RuntimeError):  # a loop outside the main thread
                     loop.add_signal_handler(sig, stop.set)
         log.info(
             "ready on http://%s:%d (event log %s, durability %s, store %s)",
