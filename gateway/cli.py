@@ -41,7 +41,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.compose import serve
+    from gateway.compose import StartupError, serve
 
     try:
         cfg, notes = _check(args.config)
@@ -53,7 +53,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.warning(n)
     if args.listen:
         cfg.gateway.listen = args.listen
-    print(banner(cfg), flush=True)
     try:
         import uvloop  # type: ignore[import-not-found]
 
@@ -61,9 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(serve(cfg))
-    except OSError as exc:
-        print(f"error: cannot serve on {cfg.gateway.listen}: {exc.strerror or exc}", file=sys.stderr)
+        runner(serve(cfg, ready=lambda url: print(banner(cfg), flush=True)))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         pass

@@ -175,6 +175,10 @@ class DataDirBusy(RuntimeError):
     pass
 
 
+class StartupError(RuntimeError):
+    """The gateway cannot start: the message says what and where."""
+
+
 def lock_data_dir(data_dir: Path) -> IO[str]:
     """One process owns an embedded store (chDB) at a time: take an exclusive lock on
     data_dir/lock or say clearly who holds it."""
@@ -274,8 +278,16 @@ async def serve(
     ready: Callable[[str], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run the gateway with its embedded log, store and consumers until SIGINT/SIGTERM (or `stop`)."""
-    embedded = await Embedded.open(cfg, run_consumers=True)
+    """Run the gateway with its embedded log, store and consumers until SIGINT/SIGTERM (or `stop`).
+
+    Raises StartupError (with what failed and where) when the log, the store or the listening
+    socket cannot be opened."""
+    try:
+        embedded = await Embedded.open(cfg, run_consumers=True)
+    except DataDirBusy as exc:
+        raise StartupError(str(exc)) from exc
+    except Exception as exc:
+        raise StartupError(f"cannot open the event log and store in {cfg.data_dir}: {exc}") from exc
     addon = AuditAddon(
         embedded.log,
         instance_id(cfg.gateway.instance_id),
@@ -295,7 +307,10 @@ async def serve(
             "rate-limit counters rebuilt from the log: %d charges in %.3f s", folded, time.perf_counter() - t0
         )
         server = HttpServer(app, cfg.gateway.host, cfg.gateway.port)
-        await server.start()
+        try:
+            await server.start()
+        except OSError as exc:
+            raise StartupError(f"cannot serve on {cfg.gateway.listen}: {exc.strerror or exc}") from exc
         if stop is None:  # standalone: SIGINT/SIGTERM stop it (tests pass their own event)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

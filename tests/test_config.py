@@ -129,3 +129,29 @@ def test_the_shipped_example_config_is_valid() -> None:
     cfg = load_config(example, environ={})
     assert set(cfg.servers) == {"whatsapp"}
     assert cfg.policy_path("whatsapp").read_text().strip() == SEED
+
+
+def run_gateway(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "run", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_run_says_what_cannot_be_opened(tmp_path: Path) -> None:
+    import socket
+
+    (tmp_path / "a-file").write_text("")
+    bad_dir = run_gateway(write(tmp_path, MINIMAL + '\n[gateway]\ndata_dir = "a-file"\n'))
+    assert bad_dir.returncode == 3
+    assert f"cannot open the event log and store in {tmp_path / 'a-file'}" in bad_dir.stderr
+    assert "Traceback" not in bad_dir.stderr
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        busy = run_gateway(write(tmp_path, MINIMAL + f'\n[gateway]\nlisten = "127.0.0.1:{port}"\n'))
+    assert busy.returncode == 3
+    assert f"cannot serve on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
