@@ -16,12 +16,14 @@ UTC ``datetime`` objects.
 from __future__ import annotations
 
 import abc
+import asyncio
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -113,10 +115,20 @@ def normalize_value(value: Any) -> Any:
     return value
 
 
+T = TypeVar("T")
+
+
 class AuditStore(abc.ABC):
     """Where consumers write and forensics read. Async; backends hide their threading."""
 
     kind: str = ""
+    # the backend's blocking client runs on these threads, never on the event loop
+    _executor: ThreadPoolExecutor | None = None
+
+    async def _call(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            raise StoreError("store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     @abc.abstractmethod
     async def open(self) -> None:

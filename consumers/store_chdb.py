@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -31,8 +31,6 @@ from consumers.store import (
     is_readonly_refusal,
     param_text,
 )
-
-T = TypeVar("T")
 
 # Session settings applied once at connect (not per query, so readonly=1 queries never
 # have to change a setting).
@@ -93,11 +91,6 @@ class ChdbStore(AuditStore):
 
     def __repr__(self) -> str:
         return f"ChdbStore({str(self.path)!r})"
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        if self._executor is None:
-            raise StoreError("store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     # ---- lifecycle -----------------------------------------------------------------
 

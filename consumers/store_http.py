@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from consumers.store import (
@@ -25,8 +25,6 @@ from consumers.store import (
     normalize_value,
     param_text,
 )
-
-T = TypeVar("T")
 
 _INSERT_SETTINGS = {
     "input_format_skip_unknown_fields": 1,
@@ -55,11 +53,6 @@ class HttpStore(AuditStore):
     def __repr__(self) -> str:
         u = urlsplit(self.url)
         return f"HttpStore('{u.scheme}://{u.hostname}:{u.port}{u.path}')"
-
-    async def _call(self, fn: Callable[[], T]) -> T:
-        if self._executor is None:
-            raise StoreError("store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def open(self) -> None:
         if self._executor is not None:
