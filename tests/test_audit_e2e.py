@@ -157,12 +157,14 @@ async def test_redaction_on_stored_rows(tmp_path: Path, everything_server: str) 
     assert {r["grant"] for r in rows} == {"ops"}
 
 
-def wait_for_next_minute_if_late(margin_s: float = 30.0) -> None:
+async def start_early_in_a_minute(margin_s: float = 40.0) -> int:
     """This test runs a real gateway process on the real clock and must stay inside one
-    minute window; start it early in a window instead of ever crossing an edge mid-test."""
+    minute window (it takes 10-20 s); start it early in a window instead of ever crossing
+    an edge mid-test. Returns the window."""
     into = time.time() % 60
     if into > 60 - margin_s:
-        time.sleep(60 - into + 0.2)
+        await asyncio.sleep(60 - into + 0.2)
+    return int(time.time() // 60)
 
 
 async def test_kill_9_under_load_loses_no_decision_and_keeps_the_limit(tmp_path: Path) -> None:
@@ -188,7 +190,7 @@ async def test_kill_9_under_load_loses_no_decision_and_keeps_the_limit(tmp_path:
         grants=keys,
         gateway={"admin_token": ADMIN},
     )
-    wait_for_next_minute_if_late()
+    window = await start_early_in_a_minute()
     gw, base = start_gateway_process(path, tmp_path / "gateway-1.log")
 
     async def hammer(worker: int) -> None:
@@ -240,6 +242,7 @@ async def test_kill_9_under_load_loses_no_decision_and_keeps_the_limit(tmp_path:
             ]
         assert [r.is_error for r in more] == [False] * (limit - len(decided)) + [True]
         assert more[-1].structured_content["rule"] == "/tools/open_session/limits/0"
+        assert int(time.time() // 60) == window, "the test outran its minute window: give it more margin"
     finally:
         stop_process(gw)
 
