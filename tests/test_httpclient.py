@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -521,17 +519,10 @@ async def test_closed_pool_refuses(up: tuple[Upstream, str]) -> None:
 
 
 @pytest.fixture
-def tls_cert(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return key, cert
+def tls_cert() -> tuple[Path, Path]:
+    """A committed self-signed localhost certificate (tests/support/tls/README.md)."""
+    d = Path(__file__).parent / "support" / "tls"
+    return d / "localhost-test-key.pem", d / "localhost-test-cert.pem"
 
 
 async def test_https(tls_cert: tuple[Path, Path]) -> None:
