@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from consumers.audit import LogConsumer
-from consumers.store import Answer, AuditStore
+from consumers.store import Answer, AuditStore, equal_filters
 from eventlog.base import EventLog
 
 COUNT_COLUMNS = ("minute", "server", "tool", "grant", "agent", "decision", "count")
@@ -43,14 +43,9 @@ async def minute_counts(
     decision: str | None = None,
 ) -> Answer:
     """(minute, server, tool, grant, agent, decision, count), oldest minute first."""
-    where, params = [], {}
-    for col, value in (("server", server), ("tool", tool), ("agent", agent), ("grant", grant)):
-        if value is not None:
-            where.append(f"`{col}` = {{{col}:String}}")
-            params[col] = value
-    if decision is not None:
-        where.append("decision = {decision:String}")
-        params["decision"] = decision
+    where, params = equal_filters(
+        {"server": server, "tool": tool, "agent": agent, "grant": grant, "decision": decision}
+    )
     if since is not None:
         where.append("minute >= toStartOfMinute({since:DateTime64(3, 'UTC')})")
         params["since"] = since

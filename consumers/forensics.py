@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import orjson
 
-from consumers.store import Answer, AuditStore, ReadOnlyError
+from consumers.store import Answer, AuditStore, ReadOnlyError, equal_filters
 
 __all__ = ["ReadOnlyError", "calls", "denials", "parse_since", "render", "sql", "who"]
 
@@ -57,23 +57,12 @@ def _filters(
     grant: str | None = None,
 ) -> tuple[list[str], dict[str, Any]]:
     """WHERE conditions on ``audit_calls AS c`` and their parameters."""
-    where: list[str] = []
-    params: dict[str, Any] = {}
+    where, params = equal_filters(
+        {"server": server, "agent": agent, "grant": grant, "decision": decision}, alias="c."
+    )
     if tool is not None:  # a tool name, or a JSON-RPC method for other requests
         where.append("(c.tool = {tool:String} OR (c.tool = '' AND c.method = {tool:String}))")
         params["tool"] = tool
-    if server is not None:
-        where.append("c.server = {server:String}")
-        params["server"] = server
-    if agent is not None:
-        where.append("c.agent = {agent:String}")
-        params["agent"] = agent
-    if grant is not None:
-        where.append("c.`grant` = {grant:String}")
-        params["grant"] = grant
-    if decision is not None:
-        where.append("c.decision = {decision:String}")
-        params["decision"] = decision
     if since is not None:
         where.append("c.ts >= {since:DateTime64(3, 'UTC')}")
         params["since"] = _when(since)

@@ -115,6 +115,17 @@ def normalize_value(value: Any) -> Any:
     return value
 
 
+def equal_filters(values: Mapping[str, str | None], alias: str = "") -> tuple[list[str], dict[str, Any]]:
+    """`col = {col:String}` conditions (and their server-side parameters) for the values given."""
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    for col, value in values.items():
+        if value is not None:
+            where.append(f"{alias}`{col}` = {{{col}:String}}")
+            params[col] = value
+    return where, params
+
+
 T = TypeVar("T")
 
 
