@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from consumers.audit import AuditConsumer
 from consumers.store import open_store
 from eventlog.sqlite import SqliteEventLog
-from gateway.redaction import args_sha256, redact
+from gateway.audit.redaction import args_sha256, redact
 from schemas import events as E
 
 TOOLS = ["open_session", "send_message", "get_chats", "create_group", "get_group_participants"]

@@ -1,4 +1,4 @@
-"""Client CPU per request: aiohttp.ClientSession vs gateway.httpclient.UpstreamPool.
+"""Client CPU per request: aiohttp.ClientSession vs gateway.http.client.UpstreamPool.
 
     .venv/bin/python bench/bench_httpclient.py [--n 4000] [--rounds 3]
 
@@ -6,7 +6,7 @@ A minimal raw asyncio HTTP/1.1 server (uvloop, keep-alive, fixed small JSON answ
 in a child process, so only the client's work lands in this process's CPU time. Each
 cell is the best of --rounds runs of time.process_time() over --n requests (after a
 warm-up), divided by the request count: CPU microseconds per request in the client
-process, on uvloop. The aiohttp session is configured like gateway/upstream_http.py.
+process, on uvloop. The aiohttp session is configured like gateway/upstreams/http.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import aiohttp
 import uvloop
 
-from gateway.httpclient import UpstreamPool
+from gateway.http.client import UpstreamPool
 
 BODY = b'{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}'
 ANSWER = b'{"jsonrpc":"2.0","id":7,"result":{"content":[{"type":"text","text":"hi"}],"isError":false}}'

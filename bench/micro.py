@@ -2,15 +2,15 @@
 
     python bench/micro.py [--quick] [--json]
 
-- policy: gateway.policy.decide on a policy of 100 tools x 5 limits (every scope and
+- policy: gateway.policy.engine.decide on a policy of 100 tools x 5 limits (every scope and
   window), alone and followed by Limiter.charge (what the gateway does per call);
 - log append: eventlog.SqliteEventLog events/s, strict and batched, 1 and 16 appenders,
   realistic call.decided payloads (bench/bench_eventlog.py);
 - audit: AuditConsumer events/s into embedded chDB (bench/bench_audit.py, in a
   subprocess: chDB allows one data dir per process);
 - rebuild: 1 M allowed call.decided events with charges, built like
-  gateway/audit_addon.py's AuditAddon.decided_event, in a SqliteEventLog (batched); then
-  the time of gateway.compose.rebuild_limiters over them (what a restart costs).
+  gateway/audit/writer.py's AuditAddon.decided_event, in a SqliteEventLog (batched); then
+  the time of ledgergate.embedded.rebuild_limiters over them (what a restart costs).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_eventlog import bench_append, make_payloads  # noqa: E402
 
 from eventlog.sqlite import SqliteEventLog  # noqa: E402
-from gateway.compose import rebuild_limiters  # noqa: E402
-from gateway.limiter import Limiter  # noqa: E402
-from gateway.policy import Call, decide, parse_policy  # noqa: E402
-from gateway.redaction import args_sha256  # noqa: E402
+from gateway.audit.redaction import args_sha256  # noqa: E402
+from gateway.policy.engine import Call, decide, parse_policy  # noqa: E402
+from gateway.policy.limiter import Limiter  # noqa: E402
+from ledgergate.embedded import rebuild_limiters  # noqa: E402
 from schemas.events import SCHEMA_VERSION, uuid7  # noqa: E402
 
 WINDOWS = ["second", "minute", "hour", "day", 90]

@@ -168,7 +168,7 @@ def start_ledgergate(name: str, workdir: Path, upstream: Target, durability: str
     log = workdir / "ledgergate.log"
     with open(log, "ab") as f:
         proc = subprocess.Popen(
-            [PY, "-m", "gateway.cli", "run", "--config", str(cfg)],
+            [PY, "-m", "ledgergate", "run", "--config", str(cfg)],
             cwd=ROOT,
             stdout=f,
             stderr=f,

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from consumers.audit import LogConsumer
-from consumers.store import Answer, AuditStore, equal_filters
+from consumers.runner import LogConsumer
+from consumers.store.base import Answer, AuditStore, equal_filters
 from eventlog.base import EventLog
 
 COUNT_COLUMNS = ("minute", "server", "tool", "grant", "agent", "decision", "count")

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 import orjson
 
-from consumers.store import Answer, AuditStore, ReadOnlyError, equal_filters
+from consumers.store.base import Answer, AuditStore, ReadOnlyError, equal_filters
 
 __all__ = ["ReadOnlyError", "calls", "denials", "parse_since", "render", "sql", "who"]
 

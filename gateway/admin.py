@@ -12,7 +12,7 @@ strings (orjson's form, e.g. ``2025-01-06T10:00:00+00:00``). Errors are
 ``{"error": <kind>, "message": <text>}``.
 
 The gateway does not import ``consumers`` (dependency rule), so this module relies on a
-contract with the ``answer`` callable (``gateway.compose.Embedded.answer``):
+contract with the ``answer`` callable (``ledgergate.embedded.Embedded.answer``):
 
 - ``answer(question, params)``: ``question`` is one of ``who``, ``calls``, ``denials``,
   ``sql``; for the first three ``params`` holds the query-string filters as strings (only

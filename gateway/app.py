@@ -9,15 +9,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from gateway.addons import Addon, AddonChain
+from gateway.audit.hooks import Addon, AddonChain
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.httpserver import App
-from gateway.policies import PolicySet
+from gateway.policy.live import PolicySet
 from gateway.proxy import Proxy, health
-from gateway.upstream import Upstream
-from gateway.upstream_http import HttpUpstream
-from gateway.upstream_stdio import StdioUpstream
+from gateway.upstreams.base import Upstream
+from gateway.upstreams.http import HttpUpstream
+from gateway.upstreams.stdio import StdioUpstream
 
 log = logging.getLogger("ledgergate")
 

@@ -23,17 +23,17 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from gateway import jsonrpc
-from gateway.addons import Addon
+from gateway.audit.hooks import Addon
 from gateway.auth import Authenticator, Grant
-from gateway.flow import CallFlow
 from gateway.httpserver import BodyTooLarge, Request, Response, StreamResponse
-from gateway.jsonrpc import InvalidMessage, Kind
-from gateway.limiter import Limiter
-from gateway.policies import PolicySet
-from gateway.policy import Call, Decision, can_ever_call, decide, refusal_text
-from gateway.sessions import MODERN_VERSIONS, SUPPORTED_VERSIONS, Session, SessionRegistry, new_session_id
-from gateway.upstream import BODY, MESSAGE, Upstream, error_response, json_response
+from gateway.mcp import jsonrpc
+from gateway.mcp.flow import CallFlow
+from gateway.mcp.jsonrpc import InvalidMessage, Kind
+from gateway.mcp.sessions import MODERN_VERSIONS, SUPPORTED_VERSIONS, Session, SessionRegistry, new_session_id
+from gateway.policy.engine import Call, Decision, can_ever_call, decide, refusal_text
+from gateway.policy.limiter import Limiter
+from gateway.policy.live import PolicySet
+from gateway.upstreams.base import BODY, MESSAGE, Upstream, error_response, json_response
 
 log = logging.getLogger("ledgergate.proxy")
 

@@ -13,7 +13,7 @@ Unknown keys are errors (typos must not silently weaken a policy), and so are du
 keys. Every error is a `PolicyError` naming the file, the JSON Pointer of the offending key
 and the reason.
 
-`parse_policy` also compiles everything the engine (`gateway.policy.decide`) needs on the hot
+`parse_policy` also compiles everything the engine (`gateway.policy.engine.decide`) needs on the hot
 path into plain tuples (`ToolPlan`, `LimitSpec`), so that deciding does no pydantic work.
 """
 

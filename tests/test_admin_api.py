@@ -21,9 +21,9 @@ from consumers.audit import AuditConsumer
 from consumers.counters import CountersConsumer
 from consumers.store import StoreError, open_store
 from gateway.admin import add_admin_routes, classify_error
-from gateway.compose import Embedded
 from gateway.config import Config
 from gateway.httpserver import App, HttpServer
+from ledgergate.embedded import Embedded
 from schemas import events as E
 from tests.support.audit_contract import QUOTED_AGENT, RULE_LIMIT, at, open_log, scenario
 
@@ -272,7 +272,7 @@ async def test_store_failures_are_503_and_no_reload_route_without_reload() -> No
 
 
 def test_classify_error_contract() -> None:
-    from consumers.store import ReadOnlyError
+    from consumers.store.base import ReadOnlyError
 
     assert classify_error(ValueError("bad since")) == (400, "bad_request")
     assert classify_error(PermissionError("writes")) == (400, "read_only")

@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from eventlog import SqliteEventLog
-from gateway.addons import AddonChain
-from gateway.audit_addon import AuditAddon
+from gateway.audit.hooks import AddonChain
+from gateway.audit.writer import AuditAddon
 from gateway.auth import Grant
-from gateway.flow import CallFlow
-from gateway.limiter import Limiter
-from gateway.policies import PolicySet
-from gateway.policy import Call, decide
-from gateway.sessions import Session
+from gateway.mcp.flow import CallFlow
+from gateway.mcp.sessions import Session
+from gateway.policy.engine import Call, decide
+from gateway.policy.limiter import Limiter
+from gateway.policy.live import PolicySet
 from schemas.events import CallCompleted, CallDecided, PolicyLoaded, SessionClosed, SessionOpened, decode
 
 POLICY = (

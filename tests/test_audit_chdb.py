@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from consumers.store import AuditStore, open_store
-from consumers.store_chdb import ChdbStore
+from consumers.store.chdb import ChdbStore
 from tests.support.audit_contract import AuditStoreContract
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from consumers.store import open_store
-from consumers.store_http import HttpStore
+from consumers.store.http import HttpStore
 from tests.support.audit_contract import AuditStoreContract
 from tests.support.clickhouse import clickhouse_db_url, clickhouse_url
 

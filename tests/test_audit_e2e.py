@@ -23,8 +23,8 @@ import httpx2
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from gateway.compose import serve
 from gateway.config import Config, load_config
+from ledgergate.embedded import serve
 from tests.support.gateway import SEED_POLICY, FakeClock, start_gateway_process, write_config
 from tests.support.procs import stop_process
 from tests.support.upstreams import StdioCommand
@@ -45,7 +45,7 @@ async def cli(config: Path, *args: str) -> Any:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gateway.cli",
+        "ledgergate",
         *args,
         "--config",
         str(config),

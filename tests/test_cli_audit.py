@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 
-from consumers.store import StoreError
+from consumers.store.base import StoreError
 from eventlog.sqlite import SqliteEventLog
 from gateway.admin import add_admin_routes
 from gateway.config import load_config
@@ -43,7 +43,7 @@ def env() -> dict[str, str]:
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *map(str, args)],
+        [sys.executable, "-m", "ledgergate", *map(str, args)],
         cwd=ROOT,
         env=env(),
         capture_output=True,
@@ -57,7 +57,7 @@ async def acli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "gateway.cli",
+        "ledgergate",
         *map(str, args),
         cwd=ROOT,
         env=env(),
@@ -311,7 +311,7 @@ async def test_gateway_store_failure_is_exit_3(tmp_path: Path) -> None:
 
 
 def test_a_data_dir_held_by_another_process_is_a_clear_exit_3(tmp_path: Path) -> None:
-    from gateway.compose import lock_data_dir
+    from ledgergate.embedded import lock_data_dir
 
     cfg_path = config(tmp_path / "held")
     data_dir = load_config(cfg_path).data_dir

@@ -102,7 +102,7 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 
 def run_check(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "check", str(path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "ledgergate", "check", str(path)], capture_output=True, text=True, timeout=60
     )
 
 
@@ -133,7 +133,7 @@ def test_the_shipped_example_config_is_valid() -> None:
 
 def run_gateway(path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "run", "--config", str(path)],
+        [sys.executable, "-m", "ledgergate", "run", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=120,

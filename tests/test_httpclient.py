@@ -1,4 +1,4 @@
-"""gateway.httpclient.UpstreamPool against real servers on loopback (aiohttp and raw asyncio)."""
+"""gateway.http.client.UpstreamPool against real servers on loopback (aiohttp and raw asyncio)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.httpclient import HIGH_WATER, UpstreamError, UpstreamPool, UpstreamTimeout
+from gateway.http.client import HIGH_WATER, UpstreamError, UpstreamPool, UpstreamTimeout
 
 
 class Upstream:

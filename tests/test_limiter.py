@@ -1,9 +1,9 @@
-"""The in-memory windowed counters (gateway/limiter.py)."""
+"""The in-memory windowed counters (gateway/policy/limiter.py)."""
 
 from __future__ import annotations
 
-from gateway.limiter import Limiter
-from gateway.policy import Call, CounterKey, Decision, decide
+from gateway.policy.engine import Call, CounterKey, Decision, decide
+from gateway.policy.limiter import Limiter
 from schemas.events import CounterCharge
 from schemas.policy import parse_policy
 

@@ -1,4 +1,4 @@
-"""Policy file model + loader (schemas/policy.py) and the pure engine (gateway/policy.py)."""
+"""Policy file model + loader (schemas/policy.py) and the pure engine (gateway/policy/engine.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from gateway.limiter import Limiter
-from gateway.policy import (
+from gateway.policy.engine import (
     Call,
     CounterKey,
     CounterSnap,
@@ -19,6 +18,7 @@ from gateway.policy import (
     decide,
     refusal_text,
 )
+from gateway.policy.limiter import Limiter
 from schemas.policy import LoadedPolicy, PolicyError, load_policy, parse_policy
 
 SEED = (

@@ -8,8 +8,8 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.limiter import Limiter
-from gateway.policy import Call, decide
+from gateway.policy.engine import Call, decide
+from gateway.policy.limiter import Limiter
 from schemas.policy import LoadedPolicy, parse_policy
 
 GRANTS = ["g0", "g1", "g2", "g3"]

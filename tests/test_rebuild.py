@@ -8,14 +8,14 @@ from pathlib import Path
 import orjson
 
 from eventlog import SqliteEventLog
-from gateway.addons import AddonChain
-from gateway.audit_addon import AuditAddon
+from gateway.audit.hooks import AddonChain
+from gateway.audit.writer import AuditAddon
 from gateway.auth import Grant
-from gateway.compose import rebuild_limiters
-from gateway.flow import CallFlow
-from gateway.limiter import Limiter
-from gateway.policies import PolicySet
-from gateway.policy import Call, decide
+from gateway.mcp.flow import CallFlow
+from gateway.policy.engine import Call, decide
+from gateway.policy.limiter import Limiter
+from gateway.policy.live import PolicySet
+from ledgergate.embedded import rebuild_limiters
 
 POLICY = (
     '{"version":"1","default":"deny","tools":{"t":{"limits":['

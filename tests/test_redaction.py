@@ -1,4 +1,4 @@
-"""gateway.redaction: path masks, default secret-key masks, args_sha256."""
+"""gateway.audit.redaction: path masks, default secret-key masks, args_sha256."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.redaction import MASK, args_sha256, is_sensitive_key, redact
+from gateway.audit.redaction import MASK, args_sha256, is_sensitive_key, redact
 
 
 def test_paths_mask_values() -> None:

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import jsonrpc
-from gateway.jsonrpc import InvalidMessage, Kind
-from gateway.sse import SseSplitter, format_event, parse_event
+from gateway.http.sse import SseSplitter, format_event, parse_event
+from gateway.mcp import jsonrpc
+from gateway.mcp.jsonrpc import InvalidMessage, Kind
 
 
 def test_events_split_across_chunks_are_relayed_whole_and_unchanged() -> None:

@@ -16,7 +16,7 @@ import pytest
 from consumers import forensics
 from consumers.audit import AuditConsumer
 from consumers.counters import CountersConsumer, minute_counts
-from consumers.store import AuditStore, ReadOnlyError
+from consumers.store.base import AuditStore, ReadOnlyError
 from eventlog.base import EventLog
 from schemas import events as E
 

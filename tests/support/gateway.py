@@ -141,7 +141,7 @@ def start_gateway_process(
 
     cfg = load_config(config_path)
     handle = start_process(
-        [sys.executable, "-m", "gateway.cli", "run", "--config", str(config_path)], env=env, log_path=log_path
+        [sys.executable, "-m", "ledgergate", "run", "--config", str(config_path)], env=env, log_path=log_path
     )
     base = f"http://{cfg.gateway.host}:{cfg.gateway.port}"
     wait_http(f"{base}/healthz", timeout=60, handle=handle)

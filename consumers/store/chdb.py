@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from consumers.store import (
+from consumers.store.base import (
     Answer,
     AuditStore,
     ReadOnlyError,

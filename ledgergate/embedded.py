@@ -17,21 +17,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
-import orjson
-
 from consumers import forensics
 from consumers.audit import AuditConsumer
 from consumers.counters import CountersConsumer
+from consumers.runner import supervise
 from consumers.store import AuditStore, ReadOnlyError, open_store
 from eventlog import open_log
 from eventlog.base import EventLog
 from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
-from gateway.audit_addon import AuditAddon, instance_id
+from gateway.audit.writer import AuditAddon, instance_id
 from gateway.config import Config
 from gateway.httpserver import HttpServer
-from gateway.limiter import Limiter
-from gateway.policies import PolicySet
-from gateway.policy import CounterKey
+from gateway.policy.rebuild import longest_window_s, rebuild_limiters
 
 log = logging.getLogger("ledgergate")
 
@@ -75,26 +72,10 @@ class Embedded:
         self._lock = lock
         if run_consumers:
             self._tasks = [
-                asyncio.create_task(self._supervise(self.audit), name="audit-consumer"),
-                asyncio.create_task(self._supervise(self.counters), name="counters-consumer"),
+                asyncio.create_task(supervise(self.audit), name="audit-consumer"),
+                asyncio.create_task(supervise(self.counters), name="counters-consumer"),
             ]
         return self
-
-    async def _supervise(self, consumer: AuditConsumer | CountersConsumer) -> None:
-        """Keep a consumer running; a store that is down is retried, the log keeps every event."""
-        delay = 0.5
-        while True:
-            try:
-                await consumer.run()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.error(
-                    "%s stopped (%s); retrying in %.1f s, events wait in the log", consumer.name, exc, delay
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
 
     async def sync(self) -> None:
         """Every event appended so far is in the ClickHouse tables."""
@@ -198,77 +179,6 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
     f.write(f"ledgergate pid {os.getpid()}\n")
     f.flush()
     return f
-
-
-def longest_window_s(policies: PolicySet) -> int:
-    longest = 0
-    for pol in policies.current.values():
-        for plan in pol.tools.values():
-            for spec in plan.limits:
-                longest = max(longest, spec.window_s)
-    return longest
-
-
-async def rebuild_limiters(
-    eventlog: EventLog, limiters: dict[str, Limiter], window_s: int, now: float
-) -> int:
-    """Fold the charges of allowed calls of the windows still open at `now` into the limiters.
-
-    The counters are a projection of the log: after any restart (kill -9 included) a limit
-    holds as if the gateway had never stopped. Returns the number of charges folded.
-
-    A restart waits for this, so it reads bytes instead of parsing whole events: the fields
-    it needs are located in the compact JSON the gateway writes (schemas/events.py field
-    order). `kind`, `event_id` and `server` precede the agent-controlled `arguments` object,
-    so their first occurrence is the event's own; `decision` and `charges` follow it, so
-    their LAST occurrence is (a JSON string cannot hold an unescaped quote, so only the
-    arguments object could fake these keys). Events with the same server and charges
-    array are counted together and folded once.
-    """
-    if window_s <= 0:
-        return 0
-    seen: set[bytes] = set()
-    groups: dict[tuple[bytes, bytes], int] = {}
-    async for batch in eventlog.read_since(int((now - window_s) * 1000), 100_000):
-        for rec in batch:
-            p = rec.payload
-            k = p.find(_KIND)
-            if k < 0 or not p.startswith(_DECIDED, k + 8):
-                continue
-            d = p.rfind(_DECISION)
-            if d < 0 or not p.startswith(_ALLOW, d + 12):
-                continue
-            c = p.rfind(_CHARGES)
-            if c < 0 or p.startswith(b"]", c + 11):
-                continue
-            e = p.find(_EVENT_ID) + 12
-            eid = p[e : e + 36]
-            if eid in seen:
-                continue
-            seen.add(eid)
-            s = p.find(_SERVER) + 10
-            group = (p[s : p.find(b'"', s)], p[c + 10 : p.find(b"]", c) + 1])
-            groups[group] = groups.get(group, 0) + 1
-    folded = 0
-    for (server, raw), n in groups.items():
-        limiter = limiters.get(server.decode())
-        if limiter is None:
-            continue
-        for ch in orjson.loads(raw):
-            key = CounterKey(ch["counter"], ch["scope"], ch["key"], ch["window_s"], ch["window_start"])
-            if key.window_start + key.window_s > now:
-                limiter.add(key, n)
-                folded += n
-    return folded
-
-
-_KIND = b'"kind":"'
-_DECIDED = b'call.decided"'
-_DECISION = b'"decision":"'
-_ALLOW = b'allow"'
-_CHARGES = b'"charges":['
-_EVENT_ID = b'"event_id":"'
-_SERVER = b'"server":"'
 
 
 async def serve(

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway.flow import CallFlow
-    from gateway.sessions import Session
+    from gateway.mcp.flow import CallFlow
+    from gateway.mcp.sessions import Session
 
 
 class Addon:

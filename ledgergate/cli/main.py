@@ -7,8 +7,8 @@ import asyncio
 import logging
 import sys
 
-from gateway import cli_audit
 from gateway.config import Config, ConfigError, load_config
+from ledgergate.cli import audit as cli_audit
 from schemas.policy import PolicyError, load_policy
 
 log = logging.getLogger("ledgergate")
@@ -41,7 +41,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.compose import StartupError, serve
+    from ledgergate.embedded import StartupError, serve
 
     try:
         cfg, notes = _check(args.config)

@@ -13,7 +13,7 @@ import heapq
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from gateway.policy import CounterKey, Decision
+from gateway.policy.engine import CounterKey, Decision
 
 __all__ = ["Limiter"]
 

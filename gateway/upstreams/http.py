@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway import jsonrpc
-from gateway.httpclient import Response as UpResponse
-from gateway.httpclient import UpstreamError, UpstreamPool
+from gateway.http.client import Response as UpResponse
+from gateway.http.client import UpstreamError, UpstreamPool
+from gateway.http.sse import SseSplitter, format_event
 from gateway.httpserver import Request, Response, StreamResponse
-from gateway.sse import SseSplitter, format_event
-from gateway.upstream import BODY, OnOpen, Transform, Upstream, error_response
+from gateway.mcp import jsonrpc
+from gateway.upstreams.base import BODY, OnOpen, Transform, Upstream, error_response
 
 if TYPE_CHECKING:
-    from gateway.flow import CallFlow
-    from gateway.sessions import Session
+    from gateway.mcp.flow import CallFlow
+    from gateway.mcp.sessions import Session
 
 log = logging.getLogger("ledgergate.upstream.http")
 
@@ -39,7 +39,7 @@ class HttpUpstream(Upstream):
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
-        # a lean keep-alive HTTP/1.1 client (gateway/httpclient.py): aiohttp's client costs
+        # a lean keep-alive HTTP/1.1 client (gateway/http/client.py): aiohttp's client costs
         # ~4x the CPU per request, and this is the hot path of every forwarded call
         self.pool = UpstreamPool(url, connect_timeout=10.0)
 

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from gateway.addons import Addon
+from gateway.audit.hooks import Addon
 from schemas.policy import LoadedPolicy, PolicyError, load_policy
 
 log = logging.getLogger("ledgergate.policy")

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway import jsonrpc
+from gateway.http.sse import format_event
 from gateway.httpserver import Request, Response, StreamResponse
-from gateway.sse import format_event
-from gateway.upstream import MESSAGE, OnOpen, Transform, Upstream, error_response, json_response
+from gateway.mcp import jsonrpc
+from gateway.upstreams.base import MESSAGE, OnOpen, Transform, Upstream, error_response, json_response
 
 if TYPE_CHECKING:
-    from gateway.flow import CallFlow
-    from gateway.sessions import Session
+    from gateway.mcp.flow import CallFlow
+    from gateway.mcp.sessions import Session
 
 log = logging.getLogger("ledgergate.upstream.stdio")
 

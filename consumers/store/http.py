@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from consumers.store import (
+from consumers.store.base import (
     Answer,
     AuditStore,
     ReadOnlyError,

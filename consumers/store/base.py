@@ -1,8 +1,8 @@
 """The ClickHouse store of the consumers: one small interface, two backends.
 
-- ``consumers.store_chdb.ChdbStore``: the embedded engine (chDB) persisted in
+- ``consumers.store.chdb.ChdbStore``: the embedded engine (chDB) persisted in
   ``data_dir/"clickhouse"``; every chDB call runs in one dedicated thread.
-- ``consumers.store_http.HttpStore``: a ClickHouse server over HTTP (clickhouse-connect).
+- ``consumers.store.http.HttpStore``: a ClickHouse server over HTTP (clickhouse-connect).
 
 Both speak the same SQL (the DDL in ``schemas/clickhouse/*.sql`` and every forensic
 query run unchanged on both) and both bind parameters server-side: SQL text carries
@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
 from importlib import resources
-from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -190,30 +189,3 @@ class AuditStore(abc.ABC):
 
 def is_readonly_refusal(message: str) -> bool:
     return "READONLY" in message or "Code: 164" in message
-
-
-async def open_store(spec: str, data_dir: Path | str) -> AuditStore:
-    """Open (and create the schema of) the store named by ``spec``.
-
-    ``"embedded"`` (or ``""``): chDB persisted in ``data_dir/"clickhouse"``.
-    ``http://...`` / ``https://...``: a ClickHouse server (user, password and database
-    may be given in the URL: ``http://user:pw@host:8123/db``).
-    """
-    spec = (spec or "embedded").strip()
-    if spec == "embedded":
-        from consumers.store_chdb import ChdbStore
-
-        store: AuditStore = ChdbStore(Path(data_dir) / "clickhouse")
-    elif spec.startswith(("http://", "https://")):
-        from consumers.store_http import HttpStore
-
-        store = HttpStore(spec)
-    else:
-        raise ValueError(f"store spec must be 'embedded' or an http(s) URL, not {spec!r}")
-    try:
-        await store.open()
-        await store.ensure_schema()
-    except BaseException:
-        await store.close()
-        raise
-    return store

@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from eventlog.base import EventLog
-from gateway.addons import Addon
-from gateway.jsonrpc import id_text
-from gateway.redaction import args_sha256, redact
+from gateway.audit.hooks import Addon
+from gateway.audit.redaction import args_sha256, redact
+from gateway.mcp.jsonrpc import id_text
 from schemas.events import SCHEMA_VERSION, uuid7
 
 if TYPE_CHECKING:
-    from gateway.flow import CallFlow
-    from gateway.policies import PolicySet
-    from gateway.sessions import Session
+    from gateway.mcp.flow import CallFlow
+    from gateway.mcp.sessions import Session
+    from gateway.policy.live import PolicySet
 
 log = logging.getLogger("ledgergate.audit")
 

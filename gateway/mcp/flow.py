@@ -10,8 +10,8 @@ from schemas.events import uuid7
 
 if TYPE_CHECKING:
     from gateway.auth import Grant
-    from gateway.policy import Decision
-    from gateway.sessions import Session
+    from gateway.mcp.sessions import Session
+    from gateway.policy.engine import Decision
 
 
 @dataclass(slots=True, eq=False)

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from gateway import jsonrpc
 from gateway.httpserver import Request, Response, StreamResponse
+from gateway.mcp import jsonrpc
 
 if TYPE_CHECKING:
-    from gateway.flow import CallFlow
-    from gateway.sessions import Session
+    from gateway.mcp.flow import CallFlow
+    from gateway.mcp.sessions import Session
 
 BODY = "lg_body"  # the POSTed body as received
 MESSAGE = "lg_msg"  # ... and parsed

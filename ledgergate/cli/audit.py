@@ -5,7 +5,7 @@ Part of the CLI composition root (it may wire gateway and consumers together).
 While a gateway runs it holds the embedded store (one chDB data dir per process), so
 `audit` asks it over the admin API when the config has ``[gateway] admin_token`` and a
 gateway answers ``GET /healthz`` at ``[gateway] listen``; with no gateway running it opens
-the log and store itself (``gateway.compose.Embedded``), folds what the consumers have not
+the log and store itself (``ledgergate.embedded.Embedded``), folds what the consumers have not
 yet folded, answers and closes. `replay` only runs with no gateway running.
 
 Exit codes: 0 ok; 2 bad arguments, config error, bad filter, SQL refused (read-only) or
@@ -263,7 +263,7 @@ async def ask_local(
 
 
 async def _open(cfg: Config) -> Any:
-    from gateway.compose import Embedded
+    from ledgergate.embedded import Embedded
 
     try:
         return await Embedded.open(cfg, run_consumers=False)

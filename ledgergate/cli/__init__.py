@@ -1,0 +1,1 @@
+"""The `ledgergate` command line: `main` (run, check, replay) and `audit` (forensic questions)."""
