@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -183,9 +184,17 @@ class LogConsumer:
         return done
 
 
-async def supervise(consumer: LogConsumer) -> None:
-    """Keep a consumer running; a store that is down is retried, the log keeps every event."""
-    delay = 0.5
+RETRY_FIRST_S = 0.25
+RETRY_MAX_S = 2.0  # a store back from an outage is written to within ~2 s, not 30
+
+
+async def supervise(consumer: LogConsumer, *, max_delay_s: float = RETRY_MAX_S) -> None:
+    """Keep a consumer running; a store that is down is retried, the log keeps every event.
+
+    The offset is committed only after a batch is stored (LogConsumer._consume), so a retry
+    starts from the first batch that did not land. Backoff doubles up to ``max_delay_s`` with
+    jitter, and a forensic query waiting for this consumer (wait_for) cuts the wait short."""
+    delay = RETRY_FIRST_S
     while True:
         try:
             await consumer.run()
@@ -196,5 +205,7 @@ async def supervise(consumer: LogConsumer) -> None:
             log.error(
                 "%s stopped (%s); retrying in %.1f s, events wait in the log", consumer.name, exc, delay
             )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+            consumer._poke.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(consumer._poke.wait(), delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, max_delay_s)

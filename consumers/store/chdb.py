@@ -154,13 +154,17 @@ class ChdbStore(AuditStore):
         check_identifier(table)
         data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
 
+        # A plain INSERT with the rows inline, not chDB's streaming send_insert: on a full disk
+        # send_insert reports every row written and stores none, while the plain INSERT raises
+        # NOT_ENOUGH_SPACE. A consumer commits its offset only after this returns, so a write
+        # that fails silently would lose those events from every forensic answer.
+        query = f"INSERT INTO {table} FORMAT JSONEachRow\n".encode() + data
+
         def insert() -> None:
             if self._conn is None:
                 raise StoreError("store is closed")
             try:
-                with self._conn.send_insert(f"INSERT INTO {table}", "JSONEachRow") as ins:
-                    ins.append(data)
-                    ins.finish()
+                self._conn.query(query.decode("utf-8", "surrogateescape"), "Null")
             except Exception as e:
                 raise StoreError(f"insert into {table} failed: {e}") from None
 
