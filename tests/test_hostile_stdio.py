@@ -28,7 +28,6 @@ from tests.support.hostile import (
     recorded,
     recorded_calls,
     recording_stdio_server,
-    sse_messages,
     sync_point,
 )
 
@@ -210,7 +209,7 @@ async def test_a_response_is_forwarded_only_from_the_session_that_got_the_reques
 async def test_cancelled_only_cancels_the_sessions_own_calls(gw: RunningGateway) -> None:
     a = await open_session(gw, "rec", KEY)
     b = await open_session(gw, "rec", KEY)
-    reader, writer, srv_id = await _ask(gw, a, 11)
+    _, writer, _ = await _ask(gw, a, 11)
     try:
         before = len(recorded(gw.extra["record"]))
         cancel = b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":11}}'
@@ -349,10 +348,14 @@ async def _stalled_post(
     return reader, writer
 
 
-async def _wait_for(pred: Any, what: str, timeout: float = 60.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(0.01)  # polling a condition, not waiting for time to pass
+async def _wait_for(pred: Any, what: str) -> None:
+    """Poll a condition of the gateway's objects (not a timed wait); fail after 60 s."""
+    try:
+        async with asyncio.timeout(60.0):
+            while not pred():  # noqa: ASYNC110 - the objects have no event to wait on
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
 
 
 async def test_a_client_that_does_not_read_its_call_stream_is_disconnected(gw: RunningGateway) -> None:
@@ -371,7 +374,7 @@ async def test_a_client_that_does_not_read_its_call_stream_is_disconnected(gw: R
             "params": {"name": "flood", "arguments": {"count": 1500, "size": 65536}},
         }
     )
-    reader, writer = await _stalled_post(gw, sid, flood)
+    _, writer = await _stalled_post(gw, sid, flood)
     proc = up.processes["qa"]
     await _wait_for(
         lambda: any(p.session is not None and p.session.id == sid for p in proc.pending.values()), "the call"
@@ -417,7 +420,8 @@ async def test_a_client_that_does_not_read_its_get_stream_is_disconnected(gw: Ru
     _, writer = await asyncio.open_connection(sock=sock)
     writer.transport.pause_reading()
     writer.write(
-        b"GET /mcp/rec HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\nAccept: text/event-stream\r\n"
+        b"GET /mcp/rec HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer %s\r\n"
+        b"Accept: text/event-stream\r\n"
         b"Mcp-Session-Id: %s\r\n\r\n" % (KEY.encode(), slow.encode())
     )
     session = gw.proxy.sessions.get(slow)

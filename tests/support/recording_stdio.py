@@ -4,7 +4,8 @@ Each line read from stdin is appended, exactly as received, to the file named by
 $RECORD_FILE (flushed before the message is handled), so a test can assert what the
 upstream got byte for byte: how many lines, and which methods it executed.
 
-Newline-delimited JSON-RPC, as the stdio transport of MCP; a line ends at LF, CR or CRLF. It answers initialize, ping,
+Newline-delimited JSON-RPC, as the stdio transport of MCP; a line ends at LF, CR or CRLF.
+It answers initialize, ping,
 tools/list and tools/call with the tools:
 - echo(text)            returns the text
 - delete_everything()   a tool the tests' policies deny (it must never run)
@@ -25,7 +26,7 @@ import queue
 import sys
 import threading
 
-RECORD = open(os.environ["RECORD_FILE"], "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+RECORD = open(os.environ["RECORD_FILE"], "ab", buffering=0)  # lives as long as the process
 OUT = sys.stdout.buffer
 
 TOOLS = [
