@@ -245,7 +245,10 @@ async def test_audit_log_failure_is_503_without_detail_and_not_charged(gw: Runni
         }
     # a notification is not audited, so it still passes: once the child read it, it had read
     # anything sent before it (the child reads in order)
-    marker = b'{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":"marker","progress":1}}'
+    marker = (
+        b'{"jsonrpc":"2.0","method":"notifications/progress",'
+        b'"params":{"progressToken":"marker","progress":1}}'
+    )
     assert (await raw_post(gw, "rec", KEY, marker, sid)).status == 202
     await wait_until(lambda: any(b'"marker"' in x for x in recorded(gw.extra["record"])))
     assert len(recorded_calls(gw.extra["record"])) == before
