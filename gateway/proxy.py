@@ -33,11 +33,13 @@ from gateway.mcp.sessions import MODERN_VERSIONS, SUPPORTED_VERSIONS, Session, S
 from gateway.policy.engine import Call, Decision, can_ever_call, decide, refusal_text
 from gateway.policy.limiter import Limiter
 from gateway.policy.live import PolicySet
-from gateway.upstreams.base import BODY, MESSAGE, Upstream, error_response, json_response
+from gateway.upstreams.base import BODY, MESSAGE, STARTED, Upstream, error_response, json_response
 
 log = logging.getLogger("ledgergate.proxy")
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+# the audit `rule` of a request-only method (tools/call...) that arrived as a notification
+NOTIFICATION_RULE = "gateway:request-only-method-as-notification"
 
 
 class Proxy:
@@ -161,8 +163,18 @@ class Proxy:
         session = self._session(req, grant, server)
         if isinstance(session, Response):
             return session
+        if kind is Kind.NOTIFICATION and not msg["method"].startswith("notifications/"):
+            return await self._refuse_notification(req, msg, grant, server, session)
         if kind is not Kind.REQUEST:
-            return await upstream.send(session, body, msg, req)
+            try:
+                return await upstream.send(session, msg, req)
+            except Exception:
+                if req.get(STARTED):
+                    raise
+                log.exception("%s: forwarding a client %s failed", server, kind.value)
+                return error_response(
+                    500, jsonrpc.INTERNAL_ERROR, "Internal error: the message was not forwarded"
+                )
         return await self._call(req, msg, grant, server, session, upstream)
 
     async def get(self, req: Request) -> StreamResponse:
@@ -283,16 +295,15 @@ class Proxy:
         try:
             await self.addons.decided(flow)
         except Exception as exc:
-            log.error("decision of %s %s could not be recorded, not forwarding: %s", server, method, exc)
-            flow.finish(
-                "upstream_error", code=jsonrpc.INTERNAL_ERROR, message=f"audit log unavailable: {exc}"
-            )
+            limiter.refund(decision)  # not recorded, so not forwarded: it must not cost quota
+            log.error("decision of %s %s could not be recorded, not forwarding: %r", server, method, exc)
+            flow.finish("upstream_error", code=jsonrpc.INTERNAL_ERROR, message="audit log unavailable")
+            # the exception's text stays in the gateway's log: it may name paths or hosts
             return error_response(
                 503,
                 jsonrpc.INTERNAL_ERROR,
                 "Service Unavailable: the audit log cannot record this call, so it was not forwarded",
                 msg["id"],
-                {"reason": str(exc)},
             )
         try:
             if not decision.allowed:
@@ -301,13 +312,64 @@ class Proxy:
             session.active += 1
             try:
                 return await upstream.request(flow, req, session, transform, on_open)
+            except Exception:
+                if req.get(STARTED):
+                    raise  # the answer's head is out: only closing the connection is left
+                log.exception("%s %s: the gateway failed before answering", server, method)
+                flow.finish("upstream_error", code=jsonrpc.INTERNAL_ERROR, message="gateway internal error")
+                return error_response(
+                    500,
+                    jsonrpc.INTERNAL_ERROR,
+                    "Internal error: the gateway failed to handle this call"
+                    + ("" if flow.sent else "; it was not forwarded"),
+                    msg["id"],
+                )
             finally:
                 session.active -= 1
                 session.touch()
         finally:
+            if decision.allowed and not flow.sent:
+                # nothing reached the upstream (bad header, upstream down before the write,
+                # a cached answer, an internal error): undo exactly this decision's charges
+                limiter.refund(decision)
             if flow.outcome is None:
                 flow.finish("cancelled", message="the gateway stopped handling the call")
             self.addons.completed(flow)
+
+    async def _refuse_notification(
+        self, req: Request, msg: dict[str, Any], grant: Grant, server: str, session: Session
+    ) -> Response:
+        """A request-only method (tools/call...) sent without an id: refused and recorded.
+
+        It cannot be answered, so it is never forwarded: an upstream would run it with no
+        decision and no way to return the result or the refusal. The refusal is still a
+        decision on the audit log (`audit denials` lists it).
+        """
+        method: str = msg["method"]
+        params = msg.get("params")
+        flow = CallFlow(
+            server=server,
+            method=method,
+            request_id=None,
+            params=params,
+            grant=grant,
+            session=session,
+            remote=req.remote,
+        )
+        flow.policy_version = self.policies[server].version
+        if method == "tools/call" and params is not None and isinstance(params.get("name"), str):
+            flow.tool = params["name"]
+        reason = (
+            f"{method} must be a request: a notification (no id) cannot be answered, so it was not forwarded"
+        )
+        flow.decision = Decision("deny", NOTIFICATION_RULE, reason, (), None, ())
+        try:
+            await self.addons.decided(flow)
+        except Exception as exc:
+            log.error("refusal of a %s notification on %s could not be recorded: %r", method, server, exc)
+        flow.finish("refused", message=reason)
+        self.addons.completed(flow)
+        return error_response(400, jsonrpc.INVALID_REQUEST, f"Invalid Request: {reason}")
 
     def _refuse(self, flow: CallFlow, decision: Decision) -> Response:
         text = refusal_text(decision)

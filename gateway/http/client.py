@@ -83,7 +83,14 @@ from urllib.parse import urlsplit
 
 import httptools
 
-__all__ = ["Response", "UpstreamError", "UpstreamPool", "UpstreamTimeout"]
+__all__ = [
+    "ConnectTimeout",
+    "Response",
+    "UpstreamError",
+    "UpstreamPool",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
+]
 
 HIGH_WATER = 256 * 1024  # buffered body bytes above which the transport stops reading
 _BIG_BODY = 64 * 1024  # above this, the body is handed to writelines() rather than copied
@@ -99,6 +106,14 @@ class UpstreamError(Exception):
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
     """Connect timeout, or no byte of the response within ``read_timeout``."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No connection could be made (refused, connect timeout, pool closed): nothing was sent."""
+
+
+class ConnectTimeout(UpstreamTimeout, UpstreamUnreachable):
+    """The TCP (and TLS) connect did not complete within ``connect_timeout``."""
 
 
 class _Stale(UpstreamError):
@@ -576,7 +591,7 @@ class UpstreamPool:
 
     async def _connect(self) -> _Conn:
         if self._closed:
-            raise UpstreamError("UpstreamPool is closed")
+            raise UpstreamUnreachable("UpstreamPool is closed")
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -587,14 +602,16 @@ class UpstreamPool:
                     ssl=self._ssl,
                 )
         except TimeoutError as exc:
-            raise UpstreamTimeout(
+            raise ConnectTimeout(
                 f"connect to {self._host}:{self._port} timed out after {self._connect_timeout:g} s"
             ) from exc
         except OSError as exc:
-            raise UpstreamError(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
+            raise UpstreamUnreachable(f"cannot connect to {self._host}:{self._port}: {exc}") from exc
         if self._closed or conn.closed:
             conn.abort()
-            raise UpstreamError("UpstreamPool is closed" if self._closed else "connection closed at once")
+            raise UpstreamUnreachable(
+                "UpstreamPool is closed" if self._closed else "connection closed at once"
+            )
         self._conns.add(conn)
         return conn
 

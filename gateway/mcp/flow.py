@@ -35,6 +35,9 @@ class CallFlow:
     upstream_ms: float | None = None
     response_bytes: int = 0
     forwarded_at: float | None = None
+    # set by the transport once the request's bytes were handed to the upstream; a call that
+    # ends with sent still False was never forwarded, and its quota charge is refunded
+    sent: bool = False
 
     @property
     def arguments(self) -> dict[str, Any] | None:

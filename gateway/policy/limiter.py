@@ -57,6 +57,20 @@ class Limiter:
             else:
                 cells[key] = c + 1
 
+    def refund(self, decision: Decision) -> None:
+        """Undo exactly what charge(decision) added: the call was never forwarded.
+
+        A cell already dropped by expire() (its window ended) stays dropped; a count never
+        goes below zero. The cell itself is kept until its window ends (expire drops it).
+        """
+        if decision.action != "allow":
+            return
+        cells = self._cells
+        for key in decision.charges:
+            c = cells.get(key)
+            if c is not None and c > 0:
+                cells[key] = c - 1
+
     def expire(self, now: float) -> int:
         """Drop the cells whose window has ended at `now`; returns how many were dropped."""
         heap = self._heap

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 BODY = "lg_body"  # the POSTed body as received
 MESSAGE = "lg_msg"  # ... and parsed
+STARTED = "lg_started"  # set (True) once an answer's head went out: an error can only close the connection
 
 # rewrites the final JSON-RPC response of a request (tools/list filtering); None = untouched
 Transform = Callable[[dict[str, Any]], dict[str, Any]] | None
@@ -39,12 +40,17 @@ class Upstream(abc.ABC):
     ) -> StreamResponse:
         """Forward one allowed JSON-RPC request and relay the answer (JSON or a streamed SSE).
 
-        Sets the flow's outcome (flow.observe / flow.finish) before returning.
+        Sets the flow's outcome (flow.observe / flow.finish) before returning, `flow.sent`
+        once the request was handed to the upstream (a call never sent is refunded), and
+        `req[STARTED]` once a streamed answer was prepared.
         """
 
     @abc.abstractmethod
-    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: Request) -> StreamResponse:
-        """Forward a notification or a response from the client; answer 202 or the upstream's status."""
+    async def send(self, session: Session, msg: dict[str, Any], req: Request) -> StreamResponse:
+        """Forward a notification or a response from the client; answer 202 or the upstream's status.
+
+        Only what the gateway serialises from `msg` goes upstream, never the client's bytes.
+        """
 
     @abc.abstractmethod
     async def open_stream(self, session: Session, req: Request) -> StreamResponse:
@@ -56,6 +62,18 @@ class Upstream(abc.ABC):
 
     def session_closed(self, session: Session) -> None:  # noqa: B027 - optional hook
         """The gateway dropped the session (DELETE, expiry, shutdown): free what it holds."""
+
+
+def abort_client(req: Request) -> None:
+    """Close a client's connection at once (a stream it does not read): its writes then fail.
+
+    Works with aiohttp's Request (`transport`) and gateway.httpserver's (`_conn.transport`).
+    """
+    transport = getattr(req, "transport", None)
+    if transport is None:
+        transport = getattr(getattr(req, "_conn", None), "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 def json_response(

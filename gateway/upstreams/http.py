@@ -1,9 +1,17 @@
 """Streamable HTTP upstream: a streaming relay, one upstream MCP session per gateway session.
 
-Bytes pass through unchanged: an SSE answer is relayed event by event as each event
+Answers pass through unchanged: an SSE answer is relayed event by event as each event
 completes (never buffered whole); only the final response of a tools/list is rewritten.
 The client's key never goes upstream; the gateway's session id is mapped to the
 upstream's.
+
+Requests, notifications and responses go upstream as the gateway serialises them from the
+message it parsed and decided on (`jsonrpc.members`), never as the client's bytes: a
+duplicate key or an extra member that another JSON parser would read differently cannot
+reach the upstream. A client's response must be a response (exactly one of result and
+error); which ids it may answer is the upstream's business, because each gateway session
+has its own upstream session (its own Mcp-Session-Id), so a forged id can only reach
+requests of the client's own session.
 """
 
 from __future__ import annotations
@@ -16,11 +24,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.http.client import Response as UpResponse
-from gateway.http.client import UpstreamError, UpstreamPool
+from gateway.http.client import UpstreamError, UpstreamPool, UpstreamUnreachable
 from gateway.http.sse import SseSplitter, format_event
 from gateway.httpserver import Request, Response, StreamResponse
 from gateway.mcp import jsonrpc
-from gateway.upstreams.base import BODY, OnOpen, Transform, Upstream, error_response
+from gateway.upstreams.base import MESSAGE, STARTED, OnOpen, Transform, Upstream, error_response
 
 if TYPE_CHECKING:
     from gateway.mcp.flow import CallFlow
@@ -53,6 +61,18 @@ class HttpUpstream(Upstream):
             h.append(("Mcp-Session-Id", session.upstream_session))
         return h
 
+    @staticmethod
+    def _unsendable(headers: list[tuple[str, str]]) -> str | None:
+        """The name of a header that cannot be forwarded (not UTF-8 text, or a line break)."""
+        for k, v in headers:
+            try:
+                v.encode()
+            except UnicodeEncodeError:
+                return k
+            if "\r" in v or "\n" in v or "\x00" in v:
+                return k
+        return None
+
     def _failure(self, exc: BaseException) -> tuple[int, str]:
         if isinstance(exc, asyncio.TimeoutError):
             return (
@@ -73,13 +93,20 @@ class HttpUpstream(Upstream):
     async def request(
         self, flow: CallFlow, req: Request, session: Session, transform: Transform, on_open: OnOpen
     ) -> StreamResponse:
+        headers = self._headers(req, session)
+        bad = self._unsendable(headers)
+        if bad is not None:
+            text = f"Bad Request: the {bad} header is not valid UTF-8 text; the call was not forwarded"
+            flow.finish("refused", code=jsonrpc.INVALID_REQUEST, message=text)
+            return error_response(400, jsonrpc.INVALID_REQUEST, text, flow.request_id)
+        body = orjson.dumps(jsonrpc.members(req[MESSAGE]))
         flow.forwarded_at = time.perf_counter()
-        body = req[BODY]
         try:
-            up = await self.pool.request(
-                "POST", self._headers(req, session), body, read_timeout=self.timeout_s
-            )
+            up = await self.pool.request("POST", headers, body, read_timeout=self.timeout_s)
+            flow.sent = True
         except _NETWORK_ERRORS as exc:
+            # no connection could be made: nothing was sent (the call is refunded)
+            flow.sent = not isinstance(exc, UpstreamUnreachable)
             code, text = self._failure(exc)
             flow.finish("upstream_error", code=code, message=text)
             return error_response(200, code, text, flow.request_id, {"upstream": self.name})
@@ -133,6 +160,7 @@ class HttpUpstream(Upstream):
         transform: Transform,
     ) -> StreamResponse:
         resp = StreamResponse(status=up.status, headers=self._resp_headers(up, session))
+        req[STARTED] = True
         await resp.prepare(req)
         splitter = SseSplitter()
         nbytes = 0
@@ -194,19 +222,38 @@ class HttpUpstream(Upstream):
             flow.observe(msg, len(data))
         return raw
 
-    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: Request) -> StreamResponse:
-        try:
-            up = await self.pool.request(
-                "POST", self._headers(req, session), body, read_timeout=self.timeout_s
+    async def send(self, session: Session, msg: dict[str, Any], req: Request) -> StreamResponse:
+        if "method" not in msg and ("result" in msg) == ("error" in msg):
+            return error_response(
+                400,
+                jsonrpc.INVALID_REQUEST,
+                "Bad Request: a response carries exactly one of result and error",
+                msg.get("id"),
             )
+        headers = self._headers(req, session)
+        if (refusal := self._bad_header(headers)) is not None:
+            return refusal
+        body = orjson.dumps(jsonrpc.members(msg))
+        try:
+            up = await self.pool.request("POST", headers, body, read_timeout=self.timeout_s)
             data = await up.read()
             return Response(body=data, status=up.status, headers=self._resp_headers(up, session))
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             return error_response(502, code, text, None, {"upstream": self.name})
 
+    def _bad_header(self, headers: list[tuple[str, str]]) -> Response | None:
+        bad = self._unsendable(headers)
+        if bad is None:
+            return None
+        return error_response(
+            400, jsonrpc.INVALID_REQUEST, f"Bad Request: the {bad} header is not valid UTF-8 text"
+        )
+
     async def open_stream(self, session: Session, req: Request) -> StreamResponse:
         headers = self._headers(req, session)
+        if (refusal := self._bad_header(headers)) is not None:
+            return refusal
         try:
             up = await self.pool.request("GET", headers, read_timeout=None)
         except _NETWORK_ERRORS as exc:
@@ -217,6 +264,7 @@ class HttpUpstream(Upstream):
                 data = await up.read()
                 return Response(body=data, status=up.status, headers=self._resp_headers(up, session))
             resp = StreamResponse(status=up.status, headers=self._resp_headers(up, session))
+            req[STARTED] = True
             await resp.prepare(req)
             try:
                 async for chunk in up:
@@ -229,8 +277,11 @@ class HttpUpstream(Upstream):
             up.release()
 
     async def end_session(self, session: Session, req: Request) -> StreamResponse:
+        headers = self._headers(req, session)
+        if (refusal := self._bad_header(headers)) is not None:
+            return refusal
         try:
-            up = await self.pool.request("DELETE", self._headers(req, session), read_timeout=self.timeout_s)
+            up = await self.pool.request("DELETE", headers, read_timeout=self.timeout_s)
             data = await up.read()
             return Response(body=data, status=up.status, headers=self._resp_headers(up, None))
         except _NETWORK_ERRORS as exc:

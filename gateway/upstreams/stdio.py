@@ -11,6 +11,15 @@ back to the client's own id. The child is initialized once; later sessions of th
 grant get the child's cached initialize result (when they ask for the same protocol
 version). A child that dies is restarted with exponential backoff and the initialize
 handshake replayed; the calls in flight get a JSON-RPC error naming the upstream.
+
+Nothing a client sent is written to a child as the client's bytes: every line is
+serialised by the gateway (`jsonrpc.line`) from the message it parsed and decided on,
+so a body with raw newlines between its tokens cannot become two messages. A client's
+response is forwarded only when it answers a request this child sent to that session.
+
+Queues toward clients (one per streamed call, one per GET stream) are bounded in
+messages and bytes; a client that does not read its stream is disconnected (its call
+recorded as cancelled), so it never grows the gateway nor stalls the child's reader.
 """
 
 from __future__ import annotations
@@ -21,15 +30,26 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
 
 from gateway.http.sse import format_event
 from gateway.httpserver import Request, Response, StreamResponse
 from gateway.mcp import jsonrpc
-from gateway.upstreams.base import MESSAGE, OnOpen, Transform, Upstream, error_response, json_response
+from gateway.upstreams.base import (
+    MESSAGE,
+    STARTED,
+    OnOpen,
+    Transform,
+    Upstream,
+    abort_client,
+    error_response,
+    json_response,
+)
 
 if TYPE_CHECKING:
     from gateway.mcp.flow import CallFlow
@@ -40,19 +60,86 @@ log = logging.getLogger("ledgergate.upstream.stdio")
 MAX_LINE = 64 << 20
 _FINAL = "final"
 _MESSAGE = "message"
+STREAM_QUEUE_BYTES = 4 << 20  # per client stream: queued bytes before the client is disconnected
+STREAM_QUEUE_MESSAGES = 2048  # ... and queued messages
+MAX_SERVER_REQUESTS = 1024  # server-to-client requests awaiting a client's answer, per child
+
+T = TypeVar("T")
 
 
 class UpstreamDown(Exception):
     pass
 
 
+class Refused(Exception):
+    """A client message the gateway will not forward (answered with a 4xx)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class MessageQueue(Generic[T]):
+    """A FIFO toward one client stream, bounded in messages and bytes.
+
+    `put` never blocks (the child's stdout reader serves every session of the grant): over
+    a bound it drops the message, marks the queue `overflowed` and calls `on_overflow` once,
+    which disconnects the client. The first message always fits (one message is bounded by
+    MAX_LINE), and `force` admits a call's final answer or the end of a stream.
+    """
+
+    __slots__ = ("_items", "_waiter", "max_bytes", "max_items", "nbytes", "on_overflow", "overflowed")
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self._items: deque[tuple[T, int]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.overflowed = False
+        self.on_overflow: Callable[[], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T, size: int, force: bool = False) -> bool:
+        items = self._items
+        if not force and items and (len(items) >= self.max_items or self.nbytes + size > self.max_bytes):
+            if not self.overflowed:
+                self.overflowed = True
+                if self.on_overflow is not None:
+                    self.on_overflow()
+            return False
+        items.append((item, size))
+        self.nbytes += size
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+        return True
+
+    async def get(self) -> T:
+        while not self._items:
+            w = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await w
+            finally:
+                if self._waiter is w:
+                    self._waiter = None
+        item, size = self._items.popleft()
+        self.nbytes -= size
+        return item
+
+
 @dataclass(eq=False)
 class Pending:
     orig_id: Any
     session: Session | None
+    queue: MessageQueue[tuple[str, dict[str, Any]]]
     token: Any = None
     requested_version: Any = None  # for an initialize: the protocolVersion the client asked for
-    queue: asyncio.Queue[tuple[str, dict[str, Any]]] = field(default_factory=asyncio.Queue)
 
 
 class StdioProcess:
@@ -64,6 +151,9 @@ class StdioProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.pending: dict[int, Pending] = {}
         self.sessions: set[Session] = set()
+        # server-to-client requests (sampling, elicitation, roots, ping) awaiting an answer:
+        # the child's id (as JSON text) -> the sessions it was delivered to
+        self.server_requests: OrderedDict[str, set[Session]] = OrderedDict()
         self._next_id = 0
         self._init_msg: dict[str, Any] | None = None
         self._init_results: dict[Any, dict[str, Any]] = {}  # requested protocolVersion -> result
@@ -130,7 +220,7 @@ class StdioProcess:
     async def _replay_handshake(self) -> None:
         assert self._init_msg is not None
         uid = self._new_id()
-        p = Pending(orig_id=None, session=None)
+        p = Pending(orig_id=None, session=None, queue=self.up.new_queue())
         self.pending[uid] = p
         self._write({**self._init_msg, "id": uid})
         try:
@@ -144,17 +234,17 @@ class StdioProcess:
             self._write({"jsonrpc": "2.0", "method": "notifications/initialized"})
         log.info("%s: handshake replayed after restart", self.label)
 
-    def _write(self, msg: dict[str, Any] | bytes) -> None:
+    def _write(self, msg: dict[str, Any]) -> None:
+        """Write one message the gateway built; a dict only, never bytes a client sent."""
         if not self.alive or self.proc is None or self.proc.stdin is None:
             raise UpstreamDown(f"{self.label} is not running")
-        line = msg if isinstance(msg, bytes) else orjson.dumps(msg)
-        self.proc.stdin.write(line.rstrip(b"\n") + b"\n")
+        self.proc.stdin.write(jsonrpc.line(msg))
 
     async def call(self, msg: dict[str, Any], session: Session) -> tuple[int, Pending]:
         await self.ensure()
         uid = self._new_id()
-        p = Pending(orig_id=msg.get("id"), session=session)
-        out = {**msg, "id": uid}
+        p = Pending(orig_id=msg.get("id"), session=session, queue=self.up.new_queue())
+        out = {**jsonrpc.members(msg), "id": uid}
         params = msg.get("params")
         if isinstance(params, dict):
             meta = params.get("_meta")
@@ -163,7 +253,7 @@ class StdioProcess:
                 out["params"] = {**params, "_meta": {**meta, "progressToken": uid}}
         if msg.get("method") == "initialize":
             if self._init_msg is None:
-                self._init_msg = {k: v for k, v in msg.items() if k != "id"}
+                self._init_msg = {k: v for k, v in out.items() if k != "id"}
             p.requested_version = (params or {}).get("protocolVersion")
             session.state["forward_initialized"] = True
         self.pending[uid] = p
@@ -171,21 +261,63 @@ class StdioProcess:
         self._write(out)
         return uid, p
 
-    def notify(self, msg: dict[str, Any], body: bytes, session: Session) -> None:
-        """A client notification or response: pass it to the child (mapping ids it names)."""
+    def notify(self, msg: dict[str, Any], session: Session) -> None:
+        """A client notification or response: checked, then re-serialised for the child.
+
+        Raises Refused for a response that answers no request this child sent to `session`.
+        """
         method = msg.get("method")
+        if method is None:
+            self._answer_server(msg, session)
+            return
+        out = jsonrpc.members(msg)
+        out.pop("id", None)  # a notification, by construction (the proxy classified it)
         if method == "notifications/initialized":
             if not session.state.pop("forward_initialized", False):
                 return  # this session got the child's cached initialize result: the child is initialized
             self._initialized_sent = True
         elif method == "notifications/cancelled":
             params = msg.get("params") or {}
+            # only this session's own calls in flight can be cancelled, by their gateway-side id
             uid = session.state.get("inflight", {}).get(jsonrpc.id_text(params.get("requestId")))
-            if uid is None:
+            if uid is None or uid not in self.pending:
                 return
-            msg = {**msg, "params": {**params, "requestId": uid}}
-            body = orjson.dumps(msg)
-        self._write(body)
+            out["params"] = {**params, "requestId": uid}
+        self._write(out)
+
+    def _answer_server(self, msg: dict[str, Any], session: Session) -> None:
+        if ("result" in msg) == ("error" in msg):
+            raise Refused(400, "Bad Request: a response carries exactly one of result and error")
+        key = jsonrpc.id_text(msg.get("id"))
+        sessions = self.server_requests.get(key) if key is not None else None
+        if sessions is None or session not in sessions:
+            raise Refused(
+                400,
+                f"Bad Request: no request with id {key} is awaiting an answer from this session; "
+                "the response was not forwarded",
+            )
+        del self.server_requests[key]  # one answer per request, from one of its sessions
+        self._write(jsonrpc.members(msg))
+
+    def _server_request(self, msg: dict[str, Any], session: Session) -> None:
+        """Remember that the child's request `msg` was delivered to `session` (it may answer it)."""
+        key = jsonrpc.id_text(msg.get("id"))
+        if key is None:
+            return
+        reqs = self.server_requests
+        targets = reqs.get(key)
+        if targets is None:
+            targets = reqs[key] = set()
+            while len(reqs) > MAX_SERVER_REQUESTS:
+                reqs.popitem(last=False)
+        targets.add(session)
+
+    def forget_session(self, session: Session) -> None:
+        self.sessions.discard(session)
+        for key, targets in list(self.server_requests.items()):
+            targets.discard(session)
+            if not targets:
+                del self.server_requests[key]
 
     def cached_initialize(self, msg: dict[str, Any]) -> dict[str, Any] | None:
         if not self.alive or not self._initialized_sent:
@@ -223,7 +355,7 @@ class StdioProcess:
                     log.warning("%s: stdout line is not JSON: %.200r", self.label, line)
                     continue
                 if isinstance(msg, dict):
-                    self._route(msg)
+                    self._route(msg, len(line))
         finally:
             rc = await proc.wait()
             self._died(proc, rc)
@@ -239,7 +371,8 @@ class StdioProcess:
                 return
             log.info("%s stderr: %s", self.label, line.decode(errors="replace").rstrip())
 
-    def _route(self, msg: dict[str, Any]) -> None:
+    def _route(self, msg: dict[str, Any], size: int) -> None:
+        """Deliver one message of the child. Never awaits: this reader serves every session."""
         method = msg.get("method")
         if method is None:
             p = self.pending.get(msg.get("id"))  # type: ignore[arg-type]
@@ -250,26 +383,31 @@ class StdioProcess:
             if p.requested_version is not None and isinstance(result, dict) and "protocolVersion" in result:
                 self._init_results[p.requested_version] = result
             self.pending.pop(msg["id"], None)
-            p.queue.put_nowait((_FINAL, {**msg, "id": p.orig_id}))
+            p.queue.put((_FINAL, {**msg, "id": p.orig_id}), size, force=True)
             return
         if method == "notifications/progress":
             params = msg.get("params") or {}
             p = self.pending.get(params.get("progressToken"))
             if p is not None:
-                p.queue.put_nowait((_MESSAGE, {**msg, "params": {**params, "progressToken": p.token}}))
+                p.queue.put((_MESSAGE, {**msg, "params": {**params, "progressToken": p.token}}), size)
                 return
+        is_request = "id" in msg
         # other server-to-client traffic: the most recent call's stream, else the GET streams
         for p in reversed(self.pending.values()):
             if p.session is not None:
-                p.queue.put_nowait((_MESSAGE, msg))
-                return
+                if p.queue.put((_MESSAGE, msg), size):
+                    if is_request:
+                        self._server_request(msg, p.session)
+                    return
+                break  # that client is being disconnected: a request goes back unanswered below
         delivered = False
-        for s in self.sessions:
+        for s in list(self.sessions):
             q = s.state.get("get_queue")
-            if q is not None:
-                q.put_nowait(msg)
+            if q is not None and q.put(msg, size):
                 delivered = True
-        if not delivered and "id" in msg:
+                if is_request:
+                    self._server_request(msg, s)
+        if not delivered and is_request:
             with contextlib.suppress(UpstreamDown):
                 self._write(
                     jsonrpc.error(
@@ -286,7 +424,7 @@ class StdioProcess:
             log.error("%s: exited with code %s after %.1f s", self.label, rc, lived)
         text = f"{self.label} exited with code {rc} while handling this request"
         for p in self.pending.values():
-            p.queue.put_nowait(
+            p.queue.put(
                 (
                     _FINAL,
                     jsonrpc.error(
@@ -295,9 +433,12 @@ class StdioProcess:
                         text,
                         {"upstream": self.up.name, "exit_code": rc},
                     ),
-                )
+                ),
+                0,
+                force=True,
             )
         self.pending.clear()
+        self.server_requests.clear()  # the new child never sent them
 
     async def stop(self) -> None:
         self.closing = True
@@ -322,14 +463,26 @@ class StdioProcess:
 
 class StdioUpstream(Upstream):
     def __init__(
-        self, name: str, argv: list[str], env: dict[str, str], cwd: str | None, timeout_s: float
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        timeout_s: float,
+        queue_bytes: int = STREAM_QUEUE_BYTES,
+        queue_messages: int = STREAM_QUEUE_MESSAGES,
     ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.cwd = cwd
         self.timeout_s = timeout_s
+        self.queue_bytes = queue_bytes
+        self.queue_messages = queue_messages
         self.processes: dict[str, StdioProcess] = {}
+
+    def new_queue(self) -> MessageQueue[Any]:
+        return MessageQueue(self.queue_messages, self.queue_bytes)
 
     def process(self, grant: str) -> StdioProcess:
         p = self.processes.get(grant)
@@ -355,6 +508,7 @@ class StdioUpstream(Upstream):
                 return json_response(cached, headers={"Mcp-Session-Id": session.id})
         try:
             uid, p = await proc.call(msg, session)
+            flow.sent = True
         except UpstreamDown as exc:
             flow.finish("upstream_error", code=jsonrpc.UPSTREAM_UNAVAILABLE, message=str(exc))
             return error_response(
@@ -411,10 +565,45 @@ class StdioUpstream(Upstream):
         resp = StreamResponse(
             status=200, headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
+        req[STARTED] = True
         await resp.prepare(req)
         nbytes = 0
+
+        def overflow() -> None:
+            # called by the child's reader: never wait for this client, disconnect it
+            q = p.queue
+            log.warning(
+                "%s: the client of call %s does not read its stream (%d messages, %d bytes queued, "
+                "limit %d/%d): disconnecting it and cancelling the call",
+                proc.label,
+                flow.call_id,
+                len(q),
+                q.nbytes,
+                q.max_items,
+                q.max_bytes,
+            )
+            if flow.outcome is None:
+                flow.finish(
+                    "cancelled",
+                    message=f"the client did not read its stream: over {q.max_bytes} bytes or "
+                    f"{q.max_items} messages queued, disconnected",
+                    nbytes=nbytes,
+                )
+            with contextlib.suppress(UpstreamDown):
+                proc._write(
+                    {
+                        "jsonrpc": "2.0",
+                        "method": "notifications/cancelled",
+                        "params": {"requestId": uid, "reason": "the client does not read its stream"},
+                    }
+                )
+            abort_client(req)
+
+        p.queue.on_overflow = overflow
         try:
             while True:
+                if p.queue.overflowed:
+                    raise ConnectionResetError("disconnected: the client did not read its stream")
                 if kind == _FINAL and transform is not None and "result" in msg:
                     msg = transform(msg)
                 data = orjson.dumps(msg)
@@ -461,11 +650,13 @@ class StdioUpstream(Upstream):
         self._observe(flow, msg, len(data))
         return json_response(data, headers=headers)
 
-    async def send(self, session: Session, body: bytes, msg: dict[str, Any], req: Request) -> StreamResponse:
+    async def send(self, session: Session, msg: dict[str, Any], req: Request) -> StreamResponse:
         proc = self.process(session.grant.name)
         try:
             await proc.ensure()
-            proc.notify(msg, body, session)
+            proc.notify(msg, session)
+        except Refused as exc:
+            return error_response(exc.status, jsonrpc.INVALID_REQUEST, exc.message, msg.get("id"))
         except UpstreamDown as exc:
             return error_response(502, jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), None, {"upstream": self.name})
         return Response(status=202)
@@ -475,9 +666,27 @@ class StdioUpstream(Upstream):
             return error_response(
                 409, jsonrpc.INVALID_REQUEST, "Conflict: only one GET stream is allowed per session"
             )
-        q: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        q: MessageQueue[dict[str, Any] | None] = self.new_queue()
+        proc = self.process(session.grant.name)
+
+        def overflow() -> None:
+            log.warning(
+                "%s: session %s does not read its GET stream (%d messages, %d bytes queued, "
+                "limit %d/%d): disconnecting it",
+                proc.label,
+                session.id[:8],
+                len(q),
+                q.nbytes,
+                q.max_items,
+                q.max_bytes,
+            )
+            if session.state.get("get_queue") is q:
+                session.state.pop("get_queue", None)  # no more deliveries to this stream
+            abort_client(req)
+
+        q.on_overflow = overflow
         session.state["get_queue"] = q
-        self.process(session.grant.name).sessions.add(session)
+        proc.sessions.add(session)
         resp = StreamResponse(
             status=200,
             headers={
@@ -488,8 +697,11 @@ class StdioUpstream(Upstream):
         )
         session.active += 1
         try:
+            req[STARTED] = True
             await resp.prepare(req)
             while (msg := await q.get()) is not None:
+                if q.overflowed:
+                    raise ConnectionResetError("disconnected: the client did not read its GET stream")
                 await resp.write(format_event(orjson.dumps(msg)))
             await resp.write_eof()
         except ConnectionResetError:
@@ -506,7 +718,7 @@ class StdioUpstream(Upstream):
     def session_closed(self, session: Session) -> None:
         q = session.state.pop("get_queue", None)
         if q is not None:
-            q.put_nowait(None)
+            q.put(None, 0, force=True)
         proc = self.processes.get(session.grant.name)
         if proc is not None:
-            proc.sessions.discard(session)
+            proc.forget_session(session)
