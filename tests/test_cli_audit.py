@@ -75,11 +75,11 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def iso(seconds: float) -> str:
-    return at(seconds).isoformat()
+    """How every output format prints a DateTime64(3): RFC 3339 UTC, milliseconds, Z."""
+    return at(seconds).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def cell(seconds: float) -> str:  # how table and csv print a DateTime64(3)
-    return at(seconds).isoformat(sep=" ", timespec="milliseconds").replace("+00:00", "Z")
+cell = iso  # table, csv and json print timestamps the same way
 
 
 def config(directory: Path, **gateway: Any) -> Path:
