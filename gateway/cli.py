@@ -99,7 +99,7 @@ def _check(cfg_path: str, *, probe_listen: bool = False) -> tuple[Config | None,
     found.errors += [str(e) for e in errors]
     if cfg is None:
         return None, found
-    src = cfg.source
+    src = Path(cfg_path)  # as the user wrote it, like the errors above
 
     def err(key: str, reason: str) -> None:
         found.errors.append(str(ConfigError(src, key, reason, _env_var(key))))
@@ -137,6 +137,8 @@ def _check(cfg_path: str, *, probe_listen: bool = False) -> tuple[Config | None,
                 )
             if srv.cwd and not cfg.resolve(srv.cwd).is_dir():
                 err(f"servers.{name}.cwd", f"no such directory: {cfg.resolve(srv.cwd)}")
+        if not cfg.policy_path(name).is_file():
+            continue  # reported above
         try:
             pol = load_policy(cfg.policy_path(name))
         except PolicyError as exc:
@@ -145,7 +147,7 @@ def _check(cfg_path: str, *, probe_listen: bool = False) -> tuple[Config | None,
             found.notes.append(
                 f"server {name}: policy {cfg.policy_path(name)} (version {pol.version[:12]}) ok"
             )
-    if probe_listen:
+    if probe_listen and not any(e.key == "gateway.listen" for e in errors):
         problem = _listen_problem(cfg)
         holder = data_dir_holder(cfg.data_dir)
         if problem and holder is not None:
@@ -242,14 +244,37 @@ def banner(cfg: Config) -> str:
         lines.append(f"  demo key of grant {name!r} (agent {grant.agent or name!r}): {grant.key}")
     if demo:
         server = next(iter(cfg.servers))
+        import importlib.util
+
+        # say where the SDK is only if it is really there (`make run` installs the example extra)
+        if importlib.util.find_spec("mcp") is not None:
+            how = f"installed in this Python: {_short(sys.executable)} examples/client.py"
+        else:
+            how = "not installed here: pip install 'ledgergate[example]', then python examples/client.py"
         lines += [
             "",
-            "Connect with the official MCP SDK (in this venv: .venv/bin/python examples/client.py):",
+            f"Connect with the official MCP SDK ({how}):",
             "",
             SNIPPET.format(key=demo[0][1].key, url=f"{base}/mcp/{server}"),
             "",
         ]
+    config = _short(str(cfg.source))
+    if cfg.gateway.admin_token:
+        lines.append(f"Who called what, from another terminal: ledgergate audit who --tool TOOL -c {config}")
+    else:
+        lines.append(
+            "Forensics while it runs need [gateway] admin_token (or LEDGERGATE_GATEWAY_ADMIN_TOKEN) "
+            f"here and in the CLI's environment: ledgergate audit who --tool TOOL -c {config}"
+        )
     return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the current directory when it is below it (copy-paste friendly)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def _version() -> str:

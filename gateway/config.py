@@ -250,18 +250,26 @@ def config_errors(
         near = nearest(key, list(_ENV_SECTIONS[section].model_fields))
         hint = f" (did you mean {ENV_PREFIX}{section.upper()}_{near.upper()}?)" if near else ""
         errors.append(ConfigError(source, f"{section}.{key}", f"unknown key of [{section}]{hint}", var))
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as exc:
-        for err in exc.errors():
-            # drop pydantic's internal "function-after[...]" location parts
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "(" in p))
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key" + suggest(str(loc[-1]), _fields(loc))
-            key = _key_path(loc)
-            errors.append(ConfigError(source, key, msg, applied.get(key)))
+    cfg: Config | None = None
+    for attempt in range(8):
+        try:
+            cfg = Config.model_validate(data)
+            break
+        except ValidationError as exc:
+            for err in exc.errors():
+                # drop pydantic's internal "function-after[...]" location parts
+                loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "(" in p))
+                if attempt == 0:
+                    msg = err["msg"].removeprefix("Value error, ")
+                    if err["type"] == "extra_forbidden":
+                        msg = "unknown key" + suggest(str(loc[-1]), _fields(loc))
+                    key = _key_path(loc)
+                    errors.append(ConfigError(source, key, msg, applied.get(key)))
+                _drop(data, loc)
+    if cfg is None:
         return None, errors
+    # with errors, cfg is what remains once the broken keys are dropped (defaults instead):
+    # enough for the checks below and for `check` to go on reporting the rest
     cfg.source = source.resolve()
     if not cfg.servers:
         errors.append(ConfigError(source, "servers", "define at least one [servers.NAME] section"))
@@ -278,6 +286,19 @@ def config_errors(
             )
         digests[grant.digest] = name
     return cfg, errors
+
+
+def _drop(data: dict[str, Any], loc: tuple[int | str, ...]) -> None:
+    """Remove the key at ``loc`` (or its parent when the key itself is missing)."""
+    node: Any = data
+    for part in loc[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return
+        node = node[part]
+    if isinstance(node, dict) and loc and loc[-1] in node:
+        del node[loc[-1]]
+    elif len(loc) > 1:
+        _drop(data, loc[:-1])
 
 
 def parse_config(data: dict[str, Any], source: Path, environ: dict[str, str] | None = None) -> Config:
