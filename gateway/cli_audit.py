@@ -338,7 +338,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     columns, rows = answer
     if question == "calls" and args.format == "table" and not args.wide:
         columns, rows = narrow_calls(columns, rows)
-    render(columns, rows, args.format)
+    render(columns, rows, args.format, wide=getattr(args, "wide", False))
     lag = getattr(answer, "lag", None)
     if lag is not None:
         print(lag.note(), file=sys.stdout if args.format == "table" else sys.stderr)
@@ -348,7 +348,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- output
 
 # `audit calls` as a table without --wide: these columns, ids shortened
-NARROW_CALLS = ("ts", "call_id", "tool", "agent", "decision", "outcome", "upstream_ms", "arguments")
+NARROW_CALLS = ("ts", "call_id", "tool", "agent", "decision", "upstream_ms", "arguments")
 SHORT_ID = 8
 
 
@@ -361,11 +361,24 @@ def short_id(value: Any) -> Any:
 
 
 def narrow_calls(columns: list[str], rows: list[tuple[Any, ...]]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The columns that fit a terminal: a short call id, and one `result` column (the
+    refusal for a refused call, else how it ended: ok, error, upstream_error, ...)."""
     keep = [columns.index(c) for c in NARROW_CALLS if c in columns]
-    names = {"call_id": "call", "upstream_ms": "ms"}
+    names = {"call_id": "call", "upstream_ms": "ms", "decision": "result"}
     out_cols = [names.get(columns[i], columns[i]) for i in keep]
-    out_rows = [tuple(short_id(row[i]) if columns[i] == "call_id" else row[i] for i in keep) for row in rows]
-    return out_cols, out_rows
+    d = columns.index("decision") if "decision" in columns else -1
+    o = columns.index("outcome") if "outcome" in columns else -1
+
+    def cell(row: tuple[Any, ...], i: int) -> Any:
+        if columns[i] == "call_id":
+            return short_id(row[i])
+        if i == d and row[i] == "allow" and o >= 0:
+            return row[o] or "allow"  # no outcome yet: in flight
+        if columns[i] == "upstream_ms" and isinstance(row[i], float):
+            return round(row[i])
+        return row[i]
+
+    return out_cols, [tuple(cell(row, i) for i in keep) for row in rows]
 
 
 def rfc3339(value: datetime) -> str:
@@ -380,38 +393,66 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def render(columns: list[str], rows: list[tuple[Any, ...]], fmt: str, out: IO[str] | None = None) -> None:
-    """Print an answer as a table (fits the terminal), JSON (a list of objects) or CSV."""
+def render(
+    columns: list[str],
+    rows: list[tuple[Any, ...]],
+    fmt: str,
+    out: IO[str] | None = None,
+    *,
+    wide: bool = False,
+) -> None:
+    """Print an answer as a table (fits the terminal unless ``wide``), JSON (a list of
+    objects) or CSV. Timestamps are RFC 3339 UTC with Z in all three."""
     import csv
 
     out = out or sys.stdout
     if fmt == "json":
         doc = [dict(zip(columns, map(_cell, row), strict=True)) for row in rows]
         out.write(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
-    elif fmt == "csv":
+        return
+    if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
         w.writerow(columns)
         for row in rows:
             w.writerow(["" if v is None else _cell(v) for v in row])
-    else:
-        from rich.console import Console
-        from rich.table import Table
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
 
-        # COLUMNS, else the terminal's width, else (output piped to a file) 200
-        width = shutil.get_terminal_size((200, 24)).columns
-        table = Table(show_header=True, header_style="bold")
-        for col in columns:
-            fixed = col in ("ts", "first", "last", "call", "decision")
-            table.add_column(
-                col,
-                overflow="ellipsis" if col == "arguments" else "fold",
-                no_wrap=fixed or col == "arguments",
-                min_width=24 if col in ("ts", "first", "last") else None,
-            )
-        for row in rows:
-            table.add_row(*("" if v is None else str(_cell(v)) for v in row))
-        Console(file=out, width=width, soft_wrap=False).print(table)
-        out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
+    # COLUMNS, else the terminal's width, else (output piped to a file) 200
+    width = shutil.get_terminal_size((200, 24)).columns
+    cells = [["" if v is None else str(_cell(v)) for v in row] for row in rows]
+    natural = [max([len(col), *(len(r[i]) for r in cells)]) for i, col in enumerate(columns)]
+    # light borders: two spaces between columns, so more of the terminal carries data
+    table = Table(
+        show_header=True,
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+    )
+    if wide:  # every cell whole: the terminal wraps long lines, copy-paste gets full values
+        width = max(width, sum(natural) + 2 * len(columns))
+    # timestamps, ids and counts are copied: always whole; names and arguments give way
+    # (cut with an ellipsis) when the terminal is too narrow for every column
+    whole = ("ts", "first", "last", "call", "call_id", "result", "decision", "ms", "count")
+    sizes = list(natural)
+    floor = [n if (c in whole or wide) else min(n, 10) for c, n in zip(columns, natural, strict=True)]
+    excess = sum(sizes) + 2 * len(columns) - width
+    while excess > 0 and any(s > f for s, f in zip(sizes, floor, strict=True)):
+        i = max(range(len(sizes)), key=lambda k: sizes[k] - floor[k])  # the widest flexible one
+        cut = min(excess, sizes[i] - floor[i], max(1, (sizes[i] - floor[i]) // 2))
+        sizes[i] -= cut
+        excess -= cut
+    for col, size in zip(columns, sizes, strict=True):
+        table.add_column(col, overflow="ellipsis", no_wrap=True, width=size)
+    width = max(width, sum(sizes) + 2 * len(columns))  # too narrow even so: lines wrap, no value cut
+    for row_cells in cells:
+        table.add_row(*row_cells)
+    Console(file=out, width=width, soft_wrap=False).print(table)
+    out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
 # ---------------------------------------------------------------- replay
