@@ -6,24 +6,29 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/ledgergate.toml
 
-.PHONY: run test check lint bench upstreams upstreams-test clean
+.PHONY: run test check lint bench upstreams upstreams-bench upstreams-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# the runtime install, redone when pyproject.toml changes
+# the runtime install + the MCP SDK examples/client.py uses, redone when pyproject.toml changes
 $(VENV)/.run-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[fast]'
+	$(BIN)/python -m pip install --quiet -e '.[fast,example]'
 	touch $@
 
-# runtime + test and Kafka extras
+# runtime + example, test and Kafka extras
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,kafka,fast]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,kafka,fast,example]'
 	touch $@ $(VENV)/.run-installed
 
+# what the example config serves: the whatsapp venv only (no node/npm needed)
 upstreams:
 	bash scripts/install-upstreams.sh
+
+# + the everything reference server (npm) the bench compares against
+upstreams-bench:
+	bash scripts/install-upstreams.sh --everything
 
 upstreams-test:
 	bash scripts/install-upstreams.sh --test
@@ -32,7 +37,7 @@ run: $(VENV)/.run-installed upstreams
 	$(BIN)/ledgergate run --config $(CONFIG)
 
 check: $(VENV)/.run-installed
-	$(BIN)/ledgergate check $(CONFIG)
+	$(BIN)/ledgergate check -c $(CONFIG)
 
 test: $(VENV)/.dev-installed upstreams-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
@@ -41,7 +46,7 @@ lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: $(VENV)/.dev-installed upstreams
+bench: $(VENV)/.dev-installed upstreams-bench
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -8,15 +8,18 @@ so duplicates from at-least-once delivery or a replay never show up in an answer
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 import orjson
 
 from consumers.store.base import Answer, AuditStore, ReadOnlyError, equal_filters
+from eventlog.base import EventLog
 
 __all__ = ["ReadOnlyError", "calls", "denials", "parse_since", "render", "sql", "who"]
 
@@ -210,3 +213,51 @@ def render(
         out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
     else:
         raise ValueError(f"format must be table, json or csv, not {fmt!r}")
+
+
+# ---------------------------------------------------------------- lag behind the log
+
+
+@dataclass(frozen=True, slots=True)
+class Lag:
+    """How far the tables an answer was read from are behind the event log."""
+
+    events: int  # records on the log not yet folded into the tables
+    seconds: float  # age of the oldest record not yet folded (0 when unknown)
+
+    def as_json(self) -> dict[str, float | int]:
+        return {"events": self.events, "seconds": round(self.seconds, 3)}
+
+    def note(self) -> str:
+        return (
+            f"note: the audit tables are {self.events} event{'s' if self.events != 1 else ''} "
+            f"({self.seconds:.1f} s) behind the log; this answer does not include them yet"
+        )
+
+
+class LaggedAnswer(tuple):
+    """An ``Answer`` (unpacks as ``columns, rows``) that also says how far behind it is."""
+
+    lag: Lag | None
+
+    def __new__(cls, columns: list[str], rows: list[tuple[Any, ...]], lag: Lag | None) -> LaggedAnswer:
+        self = super().__new__(cls, (columns, rows))
+        self.lag = lag
+        return self
+
+
+async def lag_behind(eventlog: EventLog, consumers: list[str], now_ms: int) -> Lag | None:
+    """The lag of the slowest of ``consumers`` (their committed offsets) behind the log end,
+    None when they are all caught up. Seconds come from the oldest unfolded event's ``ts``."""
+    end = await eventlog.end_offset()
+    at = min([await eventlog.committed(name) for name in consumers] or [end])
+    if at >= end:
+        return None
+    seconds = 0.0
+    first = await eventlog.read(at, 1)
+    if first:
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            ts = orjson.loads(first[0].payload).get("ts")
+            if isinstance(ts, int):
+                seconds = max(0.0, (now_ms - ts) / 1000)
+    return Lag(end - at, seconds)

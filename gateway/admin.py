@@ -5,10 +5,12 @@ token gets 401 with ``WWW-Authenticate: Bearer``):
 
 - ``GET /admin/audit/{who|calls|denials}?tool=&server=&since=&until=&decision=&agent=&grant=&limit=``
 - ``POST /admin/audit/sql`` with ``{"sql": "SELECT ...", "params": {"name": value, ...}}``
-- ``POST /admin/policies/reload`` (only when a ``reload`` callable is given)
+- ``POST /admin/policies/reload`` (only when a ``reload`` callable is given): ``{server:
+  null | error}``, 200 when every policy loaded, 422 when one failed (it keeps its old policy)
 
 Audit answers are ``{"columns": [...], "rows": [[...], ...]}``; datetimes are ISO 8601
-strings (orjson's form, e.g. ``2025-01-06T10:00:00+00:00``). Errors are
+strings (orjson's form, e.g. ``2025-01-06T10:00:00+00:00``), and ``"lag": {"events": n,
+"seconds": s}`` when the tables are behind the event log (absent when caught up). Errors are
 ``{"error": <kind>, "message": <text>}``.
 
 The gateway does not import ``consumers`` (dependency rule), so this module relies on a
@@ -117,16 +119,19 @@ def _default(value: Any) -> Any:
     return str(value)  # Decimal, IPv4Address, ... as their text
 
 
-def answer_json(columns: list[str], rows: list[tuple[Any, ...]]) -> bytes:
-    """``{"columns": [...], "rows": [[...], ...]}`` (datetimes as ISO strings)."""
-    doc = {"columns": list(columns), "rows": rows}
+def answer_json(columns: list[str], rows: list[tuple[Any, ...]], lag: dict[str, Any] | None = None) -> bytes:
+    """``{"columns": [...], "rows": [[...], ...]}`` (datetimes as ISO strings), plus
+    ``"lag": {"events": n, "seconds": s}`` when the tables are behind the event log."""
+    doc: dict[str, Any] = {"columns": list(columns), "rows": rows}
+    if lag is not None:
+        doc["lag"] = lag
     try:
         return orjson.dumps(doc, default=_default, option=orjson.OPT_NAIVE_UTC)
     except orjson.JSONEncodeError:  # e.g. (U)Int128/256 beyond 64 bits: send big ints as text
         fixed = [
             [str(v) if isinstance(v, int) and not -(2**63) <= v < 2**64 else v for v in row] for row in rows
         ]
-        return orjson.dumps({"columns": list(columns), "rows": fixed}, default=_default)
+        return orjson.dumps({**doc, "rows": fixed}, default=_default)
 
 
 def _json(status: int, doc: Any, headers: dict[str, str] | None = None) -> Response:
@@ -155,13 +160,18 @@ def add_admin_routes(
 
     async def run(question: str, params: dict[str, Any]) -> Response:
         try:
-            columns, rows = await answer(question, params)
+            result = await answer(question, params)
+            columns, rows = result
         except Exception as exc:
             status, kind = classify_error(exc)
             if status >= 500:
                 log.error("admin %s failed: %s: %s", question, type(exc).__name__, exc, exc_info=exc)
             return _error(status, kind, str(exc) or type(exc).__name__)
-        return Response(body=answer_json(columns, rows), content_type="application/json")
+        lag = getattr(result, "lag", None)  # tables behind the log: {"events": n, "seconds": s}
+        return Response(
+            body=answer_json(columns, rows, lag.as_json() if lag is not None else None),
+            content_type="application/json",
+        )
 
     async def audit(req: Request) -> Response:
         if not authorized(req):
@@ -202,7 +212,9 @@ def add_admin_routes(
         if not authorized(req):
             return _error(401, "unauthorized", "missing or wrong admin token")
         assert reload is not None
-        return _json(200, reload())
+        results = reload()
+        # a policy that failed to load is an error for the caller, not a 200 with a message
+        return _json(422 if any(v is not None for v in results.values()) else 200, results)
 
     app.add_get("/admin/audit/{question:who|calls|denials}", audit)
     app.add_post("/admin/audit/sql", sql)

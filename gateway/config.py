@@ -24,10 +24,26 @@ ENV_PREFIX = "LEDGERGATE_"
 
 
 class ConfigError(Exception):
-    def __init__(self, path: str | Path, key: str, reason: str) -> None:
-        self.path, self.key, self.reason = str(path), key, reason
-        where = f"{self.path}: {key}: " if key else f"{self.path}: "
+    """``path: key: reason``; a value that came from an environment variable names the
+    variable instead of the file (``environment variable LEDGERGATE_GATEWAY_LISTEN
+    (gateway.listen): reason``), since editing the file would not fix it."""
+
+    def __init__(self, path: str | Path, key: str, reason: str, env_var: str | None = None) -> None:
+        self.path, self.key, self.reason, self.env_var = str(path), key, reason, env_var
+        if env_var:
+            where = f"environment variable {env_var} ({key}): "
+        else:
+            where = f"{self.path}: {key}: " if key else f"{self.path}: "
         super().__init__(where + reason)
+
+
+class ConfigErrors(ConfigError):
+    """Every error of one config (``check`` reports them all); behaves as the first one."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.path, first.key, first.reason, first.env_var)
+        self.errors = errors
 
 
 class _Section(BaseModel):
@@ -153,7 +169,11 @@ class Config(_Section):
 _ENV_SECTIONS = {"gateway": GatewaySection, "eventlog": EventlogSection, "store": StoreSection}
 
 
-def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
+def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Apply LEDGERGATE_<SECTION>_<KEY> to ``data``. Returns (key path -> variable name) of
+    the overrides applied, and the variables naming a known section but an unknown key."""
+    applied: dict[str, str] = {}
+    unknown: list[str] = []
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -163,7 +183,11 @@ def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> None:
                 key = rest[len(section) + 1 :]
                 if key in model.model_fields:
                     data.setdefault(section, {})[key] = _env_value(value)
+                    applied[f"{section}.{key}"] = name
+                else:
+                    unknown.append(name)
                 break
+    return applied, sorted(unknown)
 
 
 def _env_value(raw: str) -> Any:
@@ -187,40 +211,143 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
-def parse_config(data: dict[str, Any], source: Path, environ: dict[str, str] | None = None) -> Config:
-    _env_overrides(data, dict(os.environ) if environ is None else environ)
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        # drop pydantic's internal "function-after[...]" location parts
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "(" in p))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        raise ConfigError(source, _key_path(loc), msg) from None
+def _fields(loc: tuple[int | str, ...]) -> list[str]:
+    """The valid keys at the place of an unknown key ``loc`` (for "did you mean ...?")."""
+    sections: dict[str, type[BaseModel]] = {**_ENV_SECTIONS, "servers": ServerSection, "grants": GrantSection}
+    if len(loc) == 1:
+        return [f for f in Config.model_fields if f != "source"]
+    model = sections.get(str(loc[0]))
+    if model is None or len(loc) != (3 if loc[0] in ("servers", "grants") else 2):
+        return []
+    return list(model.model_fields)
+
+
+def nearest(word: str, choices: list[str]) -> str | None:
+    """The valid key closest to a misspelt one, if any is close (difflib ratio >= 0.6)."""
+    import difflib
+
+    near = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    """ " (did you mean listen?)" for the nearest valid key, or ""."""
+    near = nearest(word, choices)
+    return f" (did you mean {near}?)" if near else ""
+
+
+def config_errors(
+    data: dict[str, Any], source: Path, environ: dict[str, str] | None = None
+) -> tuple[Config | None, list[ConfigError]]:
+    """Validate ``data`` (the parsed TOML) with the environment overrides applied and return
+    the config (None when it does not validate) and EVERY error found, each naming its key
+    path and its origin: the file, or the environment variable the value came from."""
+    applied, unknown_env = _env_overrides(data, dict(os.environ) if environ is None else environ)
+    errors: list[ConfigError] = []
+    for var in unknown_env:
+        section = next(s for s in _ENV_SECTIONS if var[len(ENV_PREFIX) :].lower().startswith(s + "_"))
+        key = var[len(ENV_PREFIX) + len(section) + 1 :].lower()
+        near = nearest(key, list(_ENV_SECTIONS[section].model_fields))
+        hint = f" (did you mean {ENV_PREFIX}{section.upper()}_{near.upper()}?)" if near else ""
+        errors.append(ConfigError(source, f"{section}.{key}", f"unknown key of [{section}]{hint}", var))
+    cfg: Config | None = None
+    for attempt in range(8):
+        try:
+            cfg = Config.model_validate(data)
+            break
+        except ValidationError as exc:
+            for err in exc.errors():
+                # drop pydantic's internal "function-after[...]" location parts
+                loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p and "(" in p))
+                if attempt == 0:
+                    msg = err["msg"].removeprefix("Value error, ")
+                    if err["type"] == "extra_forbidden":
+                        msg = "unknown key" + suggest(str(loc[-1]), _fields(loc))
+                    key = _key_path(loc)
+                    errors.append(ConfigError(source, key, msg, applied.get(key)))
+                _drop(data, loc)
+    if cfg is None:
+        return None, errors
+    # with errors, cfg is what remains once the broken keys are dropped (defaults instead):
+    # enough for the checks below and for `check` to go on reporting the rest
     cfg.source = source.resolve()
     if not cfg.servers:
-        raise ConfigError(source, "servers", "define at least one [servers.NAME] section")
+        errors.append(ConfigError(source, "servers", "define at least one [servers.NAME] section"))
     for name in cfg.servers:
         if not cfg.policy_path(name).is_file():
-            raise ConfigError(source, f"servers.{name}.policy", f"no such file: {cfg.policy_path(name)}")
+            errors.append(
+                ConfigError(source, f"servers.{name}.policy", f"no such file: {cfg.policy_path(name)}")
+            )
     digests: dict[str, str] = {}
     for name, grant in cfg.grants.items():
         if grant.digest in digests:
-            raise ConfigError(source, f"grants.{name}", f"same key as grants.{digests[grant.digest]}")
+            errors.append(
+                ConfigError(source, f"grants.{name}", f"same key as grants.{digests[grant.digest]}")
+            )
         digests[grant.digest] = name
+    return cfg, errors
+
+
+def _drop(data: dict[str, Any], loc: tuple[int | str, ...]) -> None:
+    """Remove the key at ``loc`` (or its parent when the key itself is missing)."""
+    node: Any = data
+    for part in loc[:-1]:
+        if not isinstance(node, dict) or part not in node:
+            return
+        node = node[part]
+    if isinstance(node, dict) and loc and loc[-1] in node:
+        del node[loc[-1]]
+    elif len(loc) > 1:
+        _drop(data, loc[:-1])
+
+
+def parse_config(data: dict[str, Any], source: Path, environ: dict[str, str] | None = None) -> Config:
+    cfg, errors = config_errors(data, source, environ)
+    if errors:
+        raise ConfigErrors(errors)
+    assert cfg is not None
     return cfg
 
 
-def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
+def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
     try:
-        data = tomllib.loads(raw.decode())
+        return tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(path, "", f"invalid TOML: {exc}") from None
-    return parse_config(data, path, environ)
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
+    return parse_config(read_toml(path), Path(path), environ)
+
+
+def stdio_program(cfg: Config, server: str) -> str:
+    """The program a stdio server runs, resolved as the gateway spawns it: a path with a
+    slash (relative to the config folder), else looked up on the PATH the child gets
+    (the server's ``env`` may set its own PATH). The bare name when not found."""
+    argv = cfg.command(server)
+    if "/" in argv[0]:
+        return argv[0]
+    import shutil
+
+    path = {**os.environ, **cfg.servers[server].env}.get("PATH", os.defpath)
+    return shutil.which(argv[0], path=path) or argv[0]
+
+
+def stdio_command_problem(cfg: Config, server: str) -> str | None:
+    """Why the gateway could not start the server's command (None if it can exec it)."""
+    program = stdio_program(cfg, server)
+    if "/" not in program:
+        return f"{program!r} is not on the PATH"
+    p = Path(program)
+    if not p.exists():
+        return f"{program} does not exist"
+    if p.is_dir():
+        return f"{program} is a directory, not a program"
+    if not os.access(p, os.X_OK):
+        return f"{program} is not executable (chmod +x?)"
+    return None

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from eventlog import open_log
 from eventlog.base import EventLog
 from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
 from gateway.audit.writer import AuditAddon, instance_id
-from gateway.config import Config
+from gateway.config import Config, stdio_command_problem
 from gateway.httpserver import HttpServer
 from gateway.policy.rebuild import longest_window_s, rebuild_limiters
 
@@ -46,6 +47,9 @@ class Embedded:
         self.counters = CountersConsumer(eventlog, store)
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: IO[str] | None = None
+        # a forensic answer waits at most this long for running consumers to catch up,
+        # then answers from the tables as they are and says how far behind they are
+        self.sync_timeout_s = 10.0
 
     @classmethod
     async def open(cls, cfg: Config, *, run_consumers: bool) -> Embedded:
@@ -70,12 +74,40 @@ class Embedded:
             raise
         self = cls(cfg, eventlog, store)
         self._lock = lock
+        try:
+            await self.repair_offsets()
+        except BaseException:
+            await self.close()
+            raise
         if run_consumers:
             self._tasks = [
                 asyncio.create_task(supervise(self.audit), name="audit-consumer"),
                 asyncio.create_task(supervise(self.counters), name="counters-consumer"),
             ]
         return self
+
+    async def repair_offsets(self) -> list[str]:
+        """A consumer whose committed offset is past the end of the log would wait forever for
+        records that already got lower offsets, and the tables would silently freeze (this is
+        what `replay --from` past the end used to do). Reset such a consumer to 0: it folds the
+        whole log again and the idempotent writes drop what the tables already hold.
+        Returns the names of the consumers repaired."""
+        end = await self.log.end_offset()
+        repaired = []
+        for consumer in (self.audit, self.counters):
+            at = await self.log.committed(consumer.name)
+            if at > end:
+                log.warning(
+                    "consumer %s: committed offset %d is past the end of the event log (%d records), so "
+                    "new events would never reach its tables; reset to 0 (the log is folded again, "
+                    "duplicates are dropped)",
+                    consumer.name,
+                    at,
+                    end,
+                )
+                await self.log.commit(consumer.name, 0)
+                repaired.append(consumer.name)
+        return repaired
 
     async def sync(self) -> None:
         """Every event appended so far is in the ClickHouse tables."""
@@ -88,9 +120,38 @@ class Embedded:
             await self.counters.catch_up()
 
     async def answer(self, question: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """A forensic question. Raises ValueError for bad input, PermissionError for SQL that writes."""
+        """A forensic question. Raises ValueError for bad input (an unknown --server too),
+        PermissionError for SQL that writes. The answer unpacks as (columns, rows) and carries
+        ``.lag`` (forensics.Lag, None when the tables hold the whole log)."""
         p = {k: v for k, v in params.items() if v not in (None, "")}
-        await self.sync()
+        if self._tasks:  # consumers running: answer from what they folded, say how far behind
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.sync(), self.sync_timeout_s)
+        else:
+            await self.sync()
+        if question != "sql" and "server" in p:
+            await self._known_server(str(p["server"]))
+        columns, rows = await self._answer(question, p)
+        lag = await forensics.lag_behind(
+            self.log, [self.audit.name, self.counters.name], int(time.time() * 1000)
+        )
+        return forensics.LaggedAnswer(columns, rows, lag)
+
+    async def _known_server(self, server: str) -> None:
+        """A --server filter that names no server is a typo, not an empty answer."""
+        if server in self.cfg.servers:
+            return
+        _, rows = await self.store.query("SELECT DISTINCT server FROM audit_calls ORDER BY server")
+        seen = [r[0] for r in rows]
+        if server in seen:
+            return
+        known = f"servers in {self.cfg.source.name}: {', '.join(sorted(self.cfg.servers)) or 'none'}"
+        gone = [s for s in seen if s not in self.cfg.servers]
+        if gone:
+            known += f"; only in the audit trail: {', '.join(gone)}"
+        raise ValueError(f"unknown server {server!r} ({known})")
+
+    async def _answer(self, question: str, p: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
         try:
             if question == "who":
                 if "tool" not in p:
@@ -162,7 +223,7 @@ class StartupError(RuntimeError):
 
 def lock_data_dir(data_dir: Path) -> IO[str]:
     """One process owns an embedded store (chDB) at a time: take an exclusive lock on
-    data_dir/lock or say clearly who holds it."""
+    data_dir/lock or say clearly who holds it and how to stop it."""
     f = open(data_dir / "lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -170,15 +231,43 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
+        m = _PID.search(holder)
+        how = (
+            f"stop it with `kill {m.group(1)}` (or Ctrl-C in its terminal)"
+            if m
+            else "stop it (see `fuser` on the lock file)"
+        )
         raise DataDirBusy(
-            f"the embedded store in {data_dir} is in use by {holder}; "
-            "ask that gateway over its admin API, or stop it first"
+            f"the data dir {data_dir} is in use by {holder} (another gateway holds it): {how} before "
+            "starting another one here, or ask the running one over its admin API"
         ) from None
     f.seek(0)
     f.truncate()
     f.write(f"ledgergate pid {os.getpid()}\n")
     f.flush()
     return f
+
+
+_PID = re.compile(r"\bpid (\d+)")
+
+
+def data_dir_holder(data_dir: Path) -> int | None:
+    """The pid of the live process named in data_dir/lock, if any (a hint: the lock is
+    taken with flock, which only its holder can see; this never takes it)."""
+    try:
+        m = _PID.search((data_dir / "lock").read_text())
+    except OSError:
+        return None
+    if m is None:
+        return None
+    pid = int(m.group(1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, someone else's
+    return pid
 
 
 async def serve(
@@ -192,6 +281,16 @@ async def serve(
 
     Raises StartupError (with what failed and where) when the log, the store or the listening
     socket cannot be opened."""
+    for name, srv in cfg.servers.items():
+        problem = stdio_command_problem(cfg, name) if srv.command is not None else None
+        if problem:  # serve the other servers; calls to this one fail, so say it now, loudly
+            log.error(
+                "server %s: cannot start its stdio command: %s; calls to /mcp/%s will fail until it "
+                "is installed (scripts/install-upstreams.sh for the example) and the gateway restarted",
+                name,
+                problem,
+                name,
+            )
     try:
         embedded = await Embedded.open(cfg, run_consumers=True)
     except DataDirBusy as exc:

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# usage: scripts/install-upstreams.sh [--test]
+# usage: scripts/install-upstreams.sh [--everything] [--test]
 #
-# Installs the real upstream MCP servers the tests talk to, under .upstreams/ in the repo
-# root (gitignored), from PyPI and the npm registry only:
-#   .upstreams/whatsapp              venv: whatsapp-mcp-server (stdio; pinned deps, see TESTING.md)
+# Installs the real upstream MCP servers under .upstreams/ in the repo root (gitignored),
+# from PyPI and the npm registry only. With no argument (what `make run` uses), only what
+# the example config (examples/ledgergate.toml) serves:
+#   .upstreams/whatsapp              venv: whatsapp-mcp-server (stdio; versions pinned in
+#                                    WHATSAPP_PINS below)
+# with --everything (`make bench`) also:
 #   .upstreams/everything            npm: @modelcontextprotocol/server-everything (Streamable HTTP)
-# with --test also:
+# with --test (`make test`) also everything above, plus:
 #   .upstreams/conformance-server    npm deps of tests/conformance/server (+ its server.mjs)
 #   .upstreams/conformance-suite     npm: the suite pinned in tests/conformance/suite/package.json
 #   .upstreams/node22                npm: node@22, only when the node on PATH is older than 22
@@ -32,11 +35,13 @@ EVERYTHING_VERSION="2026.8.31"
 NODE22_SPEC="node@22"
 
 WITH_TEST=0
+WITH_EVERYTHING=0
 for arg in "$@"; do
   case $arg in
-    --test) WITH_TEST=1 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "install-upstreams: unknown argument: $arg (usage: $0 [--test])" >&2; exit 2 ;;
+    --test) WITH_TEST=1; WITH_EVERYTHING=1 ;;
+    --everything) WITH_EVERYTHING=1 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install-upstreams: unknown argument: $arg (usage: $0 [--everything] [--test])" >&2; exit 2 ;;
   esac
 done
 
@@ -70,7 +75,7 @@ pins = dict(p.split("==") for p in sys.argv[1].split())
 sys.exit(0 if all(m.version(n) == v for n, v in pins.items()) else 1)
 EOF
 then
-  # installed by hand (e.g. from TESTING.md) with the pinned versions: adopt it
+  # installed by hand with the pinned versions: adopt it
   echo "$WA_WANT" >"$WA_STAMP"
   say "whatsapp: found an existing install with the pinned versions, stamped it ($WHATSAPP_PINS)"
 else
@@ -83,6 +88,11 @@ else
   run "$log" timeout "$T" "$WA/bin/pip" install --disable-pip-version-check --no-input -q $WHATSAPP_PINS
   [ -x "$WA/bin/whatsapp-mcp" ] || die "whatsapp: $WA/bin/whatsapp-mcp missing after install; log: $log"
   echo "$WA_WANT" >"$WA_STAMP"
+fi
+
+if [ "$WITH_EVERYTHING" = 0 ]; then
+  say "done: what the example serves (--everything adds the everything server for the bench, --test all the test tools)"
+  exit 0
 fi
 
 # ---- @modelcontextprotocol/server-everything (Streamable HTTP) ----
@@ -131,7 +141,7 @@ else
   [ -d "$CS/node_modules/@modelcontextprotocol/sdk" ] || die "conformance-server: SDK missing after install; log: $log"
   echo "$CS_WANT" >"$CS_STAMP"
 fi
-# ESM resolves imports next to the file, so the server runs from the env dir (as start.sh does).
+# ESM resolves imports next to the file, so the server runs from the env dir.
 if ! cmp -s "$SRC/server.mjs" "$CS/server.mjs"; then
   cp "$SRC/server.mjs" "$CS/server.mjs"
   say "conformance-server: copied server.mjs next to its node_modules"

@@ -75,11 +75,11 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def iso(seconds: float) -> str:
-    return at(seconds).isoformat()
+    """How every output format prints a DateTime64(3): RFC 3339 UTC, milliseconds, Z."""
+    return at(seconds).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def cell(seconds: float) -> str:  # how table and csv print a DateTime64(3)
-    return at(seconds).isoformat(sep=" ", timespec="milliseconds").replace("+00:00", "Z")
+cell = iso  # table, csv and json print timestamps the same way
 
 
 def config(directory: Path, **gateway: Any) -> Path:
@@ -324,3 +324,85 @@ def test_a_data_dir_held_by_another_process_is_a_clear_exit_3(tmp_path: Path) ->
     assert result.returncode == 3, result.stderr
     assert f"in use by ledgergate pid {os.getpid()}" in result.stderr
     assert ok(cli("audit", "denials", "-c", cfg_path, "--format", "csv")).splitlines()[0].startswith("agent")
+
+
+# ---------------------------------------------------------------- the projections never freeze
+
+
+async def scenario_dir(directory: Path) -> tuple[Path, SqliteEventLog]:
+    cfg_path = config(directory)
+    log = SqliteEventLog(load_config(cfg_path).data_dir / "events.db", durability="strict")
+    await log.open()
+    await log.append([E.encode(e) for e in scenario()])
+    return cfg_path, log
+
+
+async def test_replay_from_past_the_end_is_refused(tmp_path: Path) -> None:
+    cfg_path, log = await scenario_dir(tmp_path)
+    await log.close()
+    n = len(scenario())
+    result = await acli("replay", "--from", "999999", "-c", cfg_path)
+    assert result.returncode == 2, result.stdout
+    assert f"--from 999999 is past the end of the event log, which holds {n} records" in result.stderr
+    log = SqliteEventLog(load_config(cfg_path).data_dir / "events.db")
+    await log.open()
+    try:  # nothing was committed: the consumers still start where they were
+        assert [await log.committed(c) for c in ("audit", "counters")] == [0, 0]
+    finally:
+        await log.close()
+    ok(await acli("replay", "--from", str(n), "-c", cfg_path))  # the end itself is fine (nothing to do)
+
+
+async def test_an_offset_past_the_end_is_reported_and_repaired_at_open(tmp_path: Path) -> None:
+    """As an older `replay --from 999999` left it: both consumers committed past the end."""
+    cfg_path, log = await scenario_dir(tmp_path)
+    try:
+        for name in ("audit", "counters"):
+            await log.commit(name, 999_999)
+    finally:
+        await log.close()
+    result = await acli("audit", "who", "--tool", "open_session", "-c", cfg_path, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    for name in ("audit", "counters"):
+        assert f"consumer {name}: committed offset 999999 is past the end of the event log" in result.stderr
+    rows = orjson.loads(result.stdout)
+    assert sum(r["allowed"] + r["refused"] for r in rows) == 8  # every open_session of the scenario
+
+
+async def test_an_answer_says_how_far_behind_the_log_it_is(tmp_path: Path) -> None:
+    """Consumers that cannot keep up (here: stopped) -> the answer carries the lag."""
+    import time
+
+    from ledgergate.embedded import Embedded
+
+    cfg = load_config(config(tmp_path))
+    embedded = await Embedded.open(cfg, run_consumers=True)
+    try:
+        answer = await embedded.answer("who", {"tool": "open_session"})
+        assert answer.lag is None  # caught up
+        for t in embedded._tasks:  # the consumers stop folding
+            t.cancel()
+        await asyncio.gather(*embedded._tasks, return_exceptions=True)
+        old = [e.model_copy(update={"ts": int(time.time() * 1000) - 5000}) for e in scenario()[:3]]
+        await embedded.log.append([E.encode(e) for e in old])
+        embedded.sync_timeout_s = 0.2  # how long it waits for them, not an assertion
+        answer = await embedded.answer("who", {"tool": "open_session"})
+        assert answer.lag is not None and answer.lag.events == 3 and answer.lag.seconds >= 5
+    finally:
+        await embedded.close()
+
+
+async def test_the_cli_prints_the_lag_note(tmp_path: Path) -> None:
+    from consumers.forensics import Lag, LaggedAnswer
+
+    async def answer(question: str, params: dict[str, Any]) -> Any:
+        return LaggedAnswer(["agent", "n"], [("agent-a", 3)], Lag(7, 12.5))
+
+    cfg_path = config(tmp_path, admin_token=TOKEN)
+    async with stand_in_gateway(cfg_path, TOKEN, answer):
+        table = ok(await acli("audit", "who", "--tool", "x", "-c", cfg_path))
+        as_json = await acli("audit", "who", "--tool", "x", "-c", cfg_path, "--format", "json")
+    note = "note: the audit tables are 7 events (12.5 s) behind the log"
+    assert note in table.splitlines()[-1]
+    assert orjson.loads(as_json.stdout) == [{"agent": "agent-a", "n": 3}]  # json keeps its shape
+    assert note in as_json.stderr

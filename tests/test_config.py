@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,12 +102,28 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 
 
 def run_check(path: Path) -> subprocess.CompletedProcess[str]:
+    # port 0: check probes the listen address, and 8080 may be taken on a shared machine
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERGATE_")}
+    env["LEDGERGATE_GATEWAY_LISTEN"] = "127.0.0.1:0"
     return subprocess.run(
-        [sys.executable, "-m", "ledgergate", "check", str(path)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "ledgergate", "check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 
+def fake_program(tmp_path: Path) -> None:
+    """MINIMAL's stdio command, present and executable (check verifies it)."""
+    exe = tmp_path / "bin" / "whatsapp-mcp"
+    exe.parent.mkdir(exist_ok=True)
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(0o755)
+
+
 def test_check_command_ok_and_errors(tmp_path: Path) -> None:
+    fake_program(tmp_path)
     ok = run_check(write(tmp_path, MINIMAL))
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout and "plain-text key" in ok.stdout

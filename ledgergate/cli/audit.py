@@ -8,8 +8,16 @@ gateway answers ``GET /healthz`` at ``[gateway] listen``; with no gateway runnin
 the log and store itself (``ledgergate.embedded.Embedded``), folds what the consumers have not
 yet folded, answers and closes. `replay` only runs with no gateway running.
 
-Exit codes: 0 ok; 2 bad arguments, config error, bad filter, SQL refused (read-only) or
-rejected by ClickHouse as invalid; 3 store or gateway unavailable.
+Output: timestamps are RFC 3339 UTC with milliseconds and ``Z`` in every format
+(``2026-12-02T07:11:17.123Z``). ``audit calls`` as a table fits the terminal: short ids and
+the columns that matter, ``--wide`` for every column in full (json and csv are always
+full). When the tables are behind the log (consumers still folding), a table ends with a
+``note:`` line saying by how many events and seconds; json and csv keep their shape and
+print that note on stderr.
+
+Exit codes: 0 ok; 2 bad arguments, config error, bad filter (an unknown --server too), SQL
+refused (read-only) or rejected by ClickHouse as invalid, replay --from past the end of the
+log; 3 store or gateway unavailable.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import shutil
 import sys
-from datetime import datetime
-from typing import Any, get_args
+from datetime import UTC, datetime
+from typing import IO, Any, get_args
 
 import aiohttp
 import orjson
@@ -113,6 +122,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--agent")
     p.add_argument("--grant")
     p.add_argument("--limit", type=_positive, default=100, help="at most N calls, newest first (100)")
+    p.add_argument("--wide", action="store_true", help="table: every column, full ids (json/csv always are)")
     p.set_defaults(fn=cmd_audit)
 
     p = asub.add_parser("denials", parents=[common], help="refusals grouped by agent, tool and rule")
@@ -183,11 +193,23 @@ def gateway_url(cfg: Config) -> str:
     return f"http://{host}:{cfg.gateway.port}"
 
 
-async def gateway_answers(base: str, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
-    """A ledgergate gateway answers GET /healthz at ``base``."""
+def _session(
+    timeout: aiohttp.ClientTimeout, token: str | None = None, unix_socket: str | None = None
+) -> aiohttp.ClientSession:
+    """An HTTP session toward the gateway: over TCP at ``base`` with the admin token, or
+    (``unix_socket``) over the gateway's local socket, where no token is needed."""
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    connector = aiohttp.UnixConnector(path=unix_socket) if unix_socket else None
+    return aiohttp.ClientSession(timeout=timeout, headers=headers, connector=connector)
+
+
+async def gateway_answers(
+    base: str, timeout_s: float = HEALTH_TIMEOUT_S, *, unix_socket: str | None = None
+) -> bool:
+    """A ledgergate gateway answers GET /healthz at ``base`` (``{"ok": true, ...}``)."""
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http,
+            _session(aiohttp.ClientTimeout(total=timeout_s), unix_socket=unix_socket) as http,
             http.get(f"{base}/healthz") as resp,
         ):
             if resp.status != 200:
@@ -205,12 +227,14 @@ def _revive(value: Any) -> Any:
 
 
 async def ask_gateway(
-    base: str, token: str, question: str, params: dict[str, Any]
+    base: str, token: str | None, question: str, params: dict[str, Any], *, unix_socket: str | None = None
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    headers = {"Authorization": f"Bearer {token}"}
+    """Ask the running gateway's admin API; the answer carries ``.lag`` when it is behind."""
+    from consumers.forensics import Lag, LaggedAnswer
+
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=600)
     try:
-        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
+        async with _session(timeout, token, unix_socket) as http:
             if question == "sql":
                 req = http.post(
                     f"{base}/admin/audit/sql",
@@ -228,7 +252,12 @@ async def ask_gateway(
     except orjson.JSONDecodeError:
         doc = None
     if status == 200 and isinstance(doc, dict) and "columns" in doc and "rows" in doc:
-        return list(doc["columns"]), [tuple(_revive(v) for v in row) for row in doc["rows"]]
+        lag = doc.get("lag")
+        return LaggedAnswer(
+            list(doc["columns"]),
+            [tuple(_revive(v) for v in row) for row in doc["rows"]],
+            Lag(int(lag["events"]), float(lag["seconds"])) if isinstance(lag, dict) else None,
+        )
     message = doc.get("message") if isinstance(doc, dict) else None
     kind = doc.get("error") if isinstance(doc, dict) else None
     if status == 401:
@@ -274,7 +303,11 @@ async def _open(cfg: Config) -> Any:
 
 
 async def ask(cfg: Config, question: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Ask the running gateway (admin API) if there is one, else the store itself."""
+    """Ask the running gateway (admin API) if there is one, else the store itself.
+
+    Finding the gateway is this function's job only: today over TCP at [gateway] listen with
+    the admin token; a local socket goes here too (``unix_socket=`` of gateway_answers and
+    ask_gateway, where no token is needed)."""
     base = gateway_url(cfg)
     if await gateway_answers(base):
         if not cfg.gateway.admin_token:
@@ -295,17 +328,131 @@ def _load(path: str) -> Config:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from consumers.forensics import render
-
     try:
         cfg = _load(args.config)
         question, params = question_params(args)
-        columns, rows = asyncio.run(ask(cfg, question, params))
+        answer = asyncio.run(ask(cfg, question, params))
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
-    render(columns, rows, args.format)
+    columns, rows = answer
+    if question == "calls" and args.format == "table" and not args.wide:
+        columns, rows = narrow_calls(columns, rows)
+    render(columns, rows, args.format, wide=getattr(args, "wide", False))
+    lag = getattr(answer, "lag", None)
+    if lag is not None:
+        print(lag.note(), file=sys.stdout if args.format == "table" else sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------- output
+
+# `audit calls` as a table without --wide: these columns, ids shortened
+NARROW_CALLS = ("ts", "call_id", "tool", "agent", "decision", "upstream_ms", "arguments")
+SHORT_ID = 8
+
+
+def short_id(value: Any) -> Any:
+    """The last 8 characters of a long id: a UUIDv7 starts with its timestamp (shared by the
+    calls of one minute) and ends with random bits, so the tail is what tells calls apart."""
+    if isinstance(value, str) and len(value) > SHORT_ID + 4:
+        return "…" + value[-SHORT_ID:]
+    return value
+
+
+def narrow_calls(columns: list[str], rows: list[tuple[Any, ...]]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The columns that fit a terminal: a short call id, and one `result` column (the
+    refusal for a refused call, else how it ended: ok, error, upstream_error, ...)."""
+    keep = [columns.index(c) for c in NARROW_CALLS if c in columns]
+    names = {"call_id": "call", "upstream_ms": "ms", "decision": "result"}
+    out_cols = [names.get(columns[i], columns[i]) for i in keep]
+    d = columns.index("decision") if "decision" in columns else -1
+    o = columns.index("outcome") if "outcome" in columns else -1
+
+    def cell(row: tuple[Any, ...], i: int) -> Any:
+        if columns[i] == "call_id":
+            return short_id(row[i])
+        if i == d and row[i] == "allow" and o >= 0:
+            return row[o] or "allow"  # no outcome yet: in flight
+        if columns[i] == "upstream_ms" and isinstance(row[i], float):
+            return round(row[i])
+        return row[i]
+
+    return out_cols, [tuple(cell(row, i) for i in keep) for row in rows]
+
+
+def rfc3339(value: datetime) -> str:
+    """RFC 3339 UTC with milliseconds and Z: 2026-12-02T07:11:17.123Z (naive means UTC)."""
+    dt = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return rfc3339(value)
+    return value
+
+
+def render(
+    columns: list[str],
+    rows: list[tuple[Any, ...]],
+    fmt: str,
+    out: IO[str] | None = None,
+    *,
+    wide: bool = False,
+) -> None:
+    """Print an answer as a table (fits the terminal unless ``wide``), JSON (a list of
+    objects) or CSV. Timestamps are RFC 3339 UTC with Z in all three."""
+    import csv
+
+    out = out or sys.stdout
+    if fmt == "json":
+        doc = [dict(zip(columns, map(_cell, row), strict=True)) for row in rows]
+        out.write(orjson.dumps(doc, default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(columns)
+        for row in rows:
+            w.writerow(["" if v is None else _cell(v) for v in row])
+        return
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    # COLUMNS, else the terminal's width, else (output piped to a file) 200
+    width = shutil.get_terminal_size((200, 24)).columns
+    cells = [["" if v is None else str(_cell(v)) for v in row] for row in rows]
+    natural = [max([len(col), *(len(r[i]) for r in cells)]) for i, col in enumerate(columns)]
+    # light borders: two spaces between columns, so more of the terminal carries data
+    table = Table(
+        show_header=True,
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+    )
+    if wide:  # every cell whole: the terminal wraps long lines, copy-paste gets full values
+        width = max(width, sum(natural) + 2 * len(columns))
+    # timestamps, ids and counts are copied: always whole; names and arguments give way
+    # (cut with an ellipsis) when the terminal is too narrow for every column
+    whole = ("ts", "first", "last", "call", "call_id", "result", "decision", "ms", "count")
+    sizes = list(natural)
+    floor = [n if (c in whole or wide) else min(n, 10) for c, n in zip(columns, natural, strict=True)]
+    excess = sum(sizes) + 2 * len(columns) - width
+    while excess > 0 and any(s > f for s, f in zip(sizes, floor, strict=True)):
+        i = max(range(len(sizes)), key=lambda k: sizes[k] - floor[k])  # the widest flexible one
+        cut = min(excess, sizes[i] - floor[i], max(1, (sizes[i] - floor[i]) // 2))
+        sizes[i] -= cut
+        excess -= cut
+    for col, size in zip(columns, sizes, strict=True):
+        table.add_column(col, overflow="ellipsis", no_wrap=True, width=size)
+    width = max(width, sum(sizes) + 2 * len(columns))  # too narrow even so: lines wrap, no value cut
+    for row_cells in cells:
+        table.add_row(*row_cells)
+    Console(file=out, width=width, soft_wrap=False).print(table)
+    out.write(f"({len(rows)} row{'s' if len(rows) != 1 else ''})\n")
 
 
 # ---------------------------------------------------------------- replay
@@ -325,6 +472,14 @@ async def replay(cfg: Config, from_offset: int) -> None:
     embedded = await _open(cfg)
     try:
         end = await embedded.log.end_offset()
+        if from_offset > end:
+            # committing an offset past the end would freeze the projections: the consumers
+            # would wait for offsets the next events never get
+            raise CliError(
+                2,
+                f"--from {from_offset} is past the end of the event log, which holds {end} records "
+                f"(offsets 0..{end - 1}); give --from 0..{end} (0 rebuilds everything)",
+            )
         total = max(0, end - from_offset)
         err = Console(stderr=True)
         with Progress(

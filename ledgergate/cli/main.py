@@ -5,50 +5,198 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+from pathlib import Path
 
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError
 from ledgergate.cli import audit as cli_audit
 from schemas.policy import PolicyError, load_policy
 
 log = logging.getLogger("ledgergate")
 
 
-def _check(cfg_path: str) -> tuple[Config, list[str]]:
-    cfg = load_config(cfg_path)
-    notes = []
-    for name in cfg.servers:
-        pol = load_policy(cfg.policy_path(name))
-        notes.append(f"server {name}: policy {cfg.policy_path(name)} (version {pol.version[:12]}) ok")
+class Findings:
+    """What `check` found. ``errors`` make `run` refuse to start too (exit 2); ``problems``
+    are errors for `check` that `run` meets later on its own: a data dir or listen address it
+    cannot use (exit 3 when it opens them), or a stdio command that is not installed (an
+    ERROR line at start-up, then it serves the other servers; calls to that one fail)."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+
+
+def _url_problem(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"not a valid URL: {exc}"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if not parts.hostname:
+        return f"no host in {url!r}"
+    if port == 0:
+        return f"port 0 in {url!r}"
+    return None
+
+
+def _listen_problem(cfg: Config) -> str | None:
+    """Would `run` be able to listen? Resolve the host and try to bind (then let go)."""
+    import errno
+    import socket
+
+    host, port = cfg.gateway.host, cfg.gateway.port
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve host {host!r}: {exc.strerror}"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{cfg.gateway.listen} is in use by another process"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"{host} is not an address of this machine"
+            return f"cannot listen on {cfg.gateway.listen}: {exc.strerror}"
+    return None
+
+
+def _data_dir_problem(cfg: Config) -> str | None:
+    d = cfg.data_dir
+    if d.exists():
+        if not d.is_dir():
+            return f"{d} exists and is not a directory"
+        return None if os.access(d, os.W_OK | os.X_OK) else f"{d} is not writable"
+    parent = d.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create {d}: {parent} is not a writable directory"
+    return None
+
+
+def _check(cfg_path: str, *, probe_listen: bool = False) -> tuple[Config | None, Findings]:
+    """Everything `run` would refuse, all of it (not only the first error)."""
+    from eventlog import BACKENDS
+    from gateway.config import config_errors, read_toml, stdio_command_problem
+    from ledgergate.embedded import data_dir_holder
+
+    found = Findings()
+    try:
+        data = read_toml(cfg_path)
+    except ConfigError as exc:
+        found.errors.append(str(exc))
+        return None, found
+    cfg, errors = config_errors(data, Path(cfg_path))
+    found.errors += [str(e) for e in errors]
+    if cfg is None:
+        return None, found
+    src = Path(cfg_path)  # as the user wrote it, like the errors above
+
+    def err(key: str, reason: str) -> None:
+        found.errors.append(str(ConfigError(src, key, reason, _env_var(key))))
+
+    if cfg.eventlog.backend not in BACKENDS:
+        err(
+            "eventlog.backend",
+            f"{cfg.eventlog.backend!r} is not available yet: this version has only "
+            f'{", ".join(repr(b) for b in BACKENDS)} (the SQLite log in data_dir); use backend = "embedded"',
+        )
+    store = (cfg.store.clickhouse or "embedded").strip()
+    if store != "embedded":
+        problem = (
+            _url_problem(store)
+            if store.startswith(("http://", "https://"))
+            else ('must be "embedded" (chDB in data_dir) or a ClickHouse http(s)://host:8123 URL')
+        )
+        if problem:
+            err("store.clickhouse", problem)
+    problem = _data_dir_problem(cfg)
+    if problem:  # run finds this itself when it opens the log (exit 3, as for the listen address)
+        found.problems.append(
+            str(ConfigError(src, "gateway.data_dir", problem, _env_var("gateway.data_dir")))
+        )
+    for name, srv in cfg.servers.items():
+        if srv.url is not None:
+            problem = _url_problem(srv.url)
+            if problem:
+                err(f"servers.{name}.url", problem)
+        else:
+            problem = stdio_command_problem(cfg, name)
+            if problem:
+                found.problems.append(
+                    str(ConfigError(src, f"servers.{name}.command", f"cannot start the server: {problem}"))
+                )
+            if srv.cwd and not cfg.resolve(srv.cwd).is_dir():
+                err(f"servers.{name}.cwd", f"no such directory: {cfg.resolve(srv.cwd)}")
+        if not cfg.policy_path(name).is_file():
+            continue  # reported above
+        try:
+            pol = load_policy(cfg.policy_path(name))
+        except PolicyError as exc:
+            found.errors.append(str(exc))
+        else:
+            found.notes.append(
+                f"server {name}: policy {cfg.policy_path(name)} (version {pol.version[:12]}) ok"
+            )
+    if probe_listen and not any(e.key == "gateway.listen" for e in errors):
+        problem = _listen_problem(cfg)
+        holder = data_dir_holder(cfg.data_dir)
+        if problem and holder is not None:
+            found.notes.append(
+                f"gateway.listen: {problem}; a gateway (pid {holder}) is running on {cfg.data_dir}"
+            )
+        elif problem:
+            found.problems.append(
+                str(ConfigError(src, "gateway.listen", problem, _env_var("gateway.listen")))
+            )
     for name, grant in cfg.grants.items():
         if grant.key is not None:
-            notes.append(
+            found.notes.append(
                 f"grant {name}: WARNING: plain-text key in the config (use key_sha256 outside demos)"
             )
-    return cfg, notes
+    return cfg, found
+
+
+def _env_var(key: str) -> str | None:
+    """The LEDGERGATE_* variable that set ``key`` (section.key), if one did."""
+    section, _, name = key.partition(".")
+    var = f"LEDGERGATE_{section.upper()}_{name.upper()}"
+    return var if "." not in name and var in os.environ else None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        _, notes = _check(args.config)
-    except (ConfigError, PolicyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for n in notes:
+    path = args.config_opt or args.config or "ledgergate.toml"
+    _, found = _check(path, probe_listen=True)
+    for n in found.notes:
         print(n)
-    print(f"{args.config}: ok")
+    failures = found.errors + found.problems
+    for e in failures:
+        print(f"error: {e}", file=sys.stderr)
+    if failures:
+        print(f"{path}: {len(failures)} error{'s' if len(failures) != 1 else ''}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ledgergate.embedded import StartupError, serve
 
-    try:
-        cfg, notes = _check(args.config)
-    except (ConfigError, PolicyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    cfg, found = _check(args.config)
+    if found.errors or cfg is None:
+        for e in found.errors:
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    for n in notes:
+    for n in found.notes:
         if "WARNING" in n:
             log.warning(n)
     if args.listen:
@@ -96,14 +244,37 @@ def banner(cfg: Config) -> str:
         lines.append(f"  demo key of grant {name!r} (agent {grant.agent or name!r}): {grant.key}")
     if demo:
         server = next(iter(cfg.servers))
+        import importlib.util
+
+        # say where the SDK is only if it is really there (`make run` installs the example extra)
+        if importlib.util.find_spec("mcp") is not None:
+            how = f"installed in this Python: {_short(sys.executable)} examples/client.py"
+        else:
+            how = "not installed here: pip install 'ledgergate[example]', then python examples/client.py"
         lines += [
             "",
-            "Connect with the official MCP SDK (in this venv: .venv/bin/python examples/client.py):",
+            f"Connect with the official MCP SDK ({how}):",
             "",
             SNIPPET.format(key=demo[0][1].key, url=f"{base}/mcp/{server}"),
             "",
         ]
+    config = _short(str(cfg.source))
+    if cfg.gateway.admin_token:
+        lines.append(f"Who called what, from another terminal: ledgergate audit who --tool TOOL -c {config}")
+    else:
+        lines.append(
+            "Forensics while it runs need [gateway] admin_token (or LEDGERGATE_GATEWAY_ADMIN_TOKEN) "
+            f"here and in the CLI's environment: ledgergate audit who --tool TOOL -c {config}"
+        )
     return "\n".join(lines)
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the current directory when it is below it (copy-paste friendly)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def _version() -> str:
@@ -118,13 +289,17 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ledgergate", description="MCP policy gateway")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--version", action="version", version=f"ledgergate {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="serve the gateway")
     p.add_argument("--config", "-c", default="ledgergate.toml")
     p.add_argument("--listen", help="HOST:PORT, overrides [gateway] listen")
     p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("check", help="validate a config and its policies without serving")
-    p.add_argument("config")
+    p = sub.add_parser(
+        "check", help="validate a config, its policies, backends, commands and listen address; serve nothing"
+    )
+    p.add_argument("config", nargs="?", help="the config file (or -c FILE; default ledgergate.toml)")
+    p.add_argument("--config", "-c", dest="config_opt", metavar="CONFIG", help="the config file")
     p.set_defaults(fn=cmd_check)
     cli_audit.add_commands(sub)
     args = ap.parse_args(argv)
