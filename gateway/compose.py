@@ -28,7 +28,7 @@ from eventlog.base import EventLog
 from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
 from gateway.audit_addon import AuditAddon, instance_id
 from gateway.config import Config
-from gateway.httpserver import HttpServer
+from gateway.edge import HttpServer
 from gateway.limiter import Limiter
 from gateway.policies import PolicySet
 from gateway.policy import CounterKey

@@ -7,16 +7,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from aiohttp.web import RequestKey, Response, StreamResponse
 
 from gateway import jsonrpc
-from gateway.httpserver import Request, Response, StreamResponse
+from gateway.edge import Request
 
 if TYPE_CHECKING:
     from gateway.flow import CallFlow
     from gateway.sessions import Session
 
-BODY = "lg_body"  # the POSTed body as received
-MESSAGE = "lg_msg"  # ... and parsed
+BODY = RequestKey("lg_body", bytes)  # the POSTed body as received
+MESSAGE = RequestKey("lg_msg", dict)  # ... and parsed
 
 # rewrites the final JSON-RPC response of a request (tools/list filtering); None = untouched
 Transform = Callable[[dict[str, Any]], dict[str, Any]] | None

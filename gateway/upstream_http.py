@@ -14,12 +14,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from aiohttp.web import Response, StreamResponse
 
 from gateway import jsonrpc
+from gateway.edge import Request
 from gateway.httpclient import Response as UpResponse
 from gateway.httpclient import UpstreamError, UpstreamPool
-from gateway.httpserver import Request, Response, StreamResponse
-from gateway.sse import SseSplitter, format_event
+from gateway.sse import EventTooLarge, SseSplitter, format_event
 from gateway.upstream import BODY, OnOpen, Transform, Upstream, error_response
 
 if TYPE_CHECKING:
@@ -30,18 +31,29 @@ log = logging.getLogger("ledgergate.upstream.http")
 
 _FORWARD_REQ = ("accept", "content-type", "mcp-protocol-version", "last-event-id", "user-agent")
 _FORWARD_RESP = ("content-type", "cache-control", "x-accel-buffering", "allow")
-_NETWORK_ERRORS = (UpstreamError, asyncio.TimeoutError, OSError)
+_NETWORK_ERRORS = (UpstreamError, asyncio.TimeoutError, OSError, EventTooLarge)
 _CLIENT_GONE = (ConnectionResetError,)
 
 
 class HttpUpstream(Upstream):
-    def __init__(self, name: str, url: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        timeout_s: float,
+        *,
+        max_head_bytes: int = 64 * 1024,
+        max_body_bytes: int = 16 << 20,
+    ) -> None:
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
+        self.max_event_bytes = max_body_bytes  # one SSE event is buffered whole, no more
         # a lean keep-alive HTTP/1.1 client (gateway/httpclient.py): aiohttp's client costs
         # ~4x the CPU per request, and this is the hot path of every forwarded call
-        self.pool = UpstreamPool(url, connect_timeout=10.0)
+        self.pool = UpstreamPool(
+            url, connect_timeout=10.0, max_head_bytes=max_head_bytes, max_body_bytes=max_body_bytes
+        )
 
     async def close(self) -> None:
         await self.pool.close()
@@ -134,7 +146,7 @@ class HttpUpstream(Upstream):
     ) -> StreamResponse:
         resp = StreamResponse(status=up.status, headers=self._resp_headers(up, session))
         await resp.prepare(req)
-        splitter = SseSplitter()
+        splitter = SseSplitter(self.max_event_bytes)
         nbytes = 0
         try:
             async for chunk in up:
@@ -208,7 +220,8 @@ class HttpUpstream(Upstream):
     async def open_stream(self, session: Session, req: Request) -> StreamResponse:
         headers = self._headers(req, session)
         try:
-            up = await self.pool.request("GET", headers, read_timeout=None)
+            # the stream may idle for long, but its head must come within the upstream timeout
+            up = await self.pool.request("GET", headers, read_timeout=None, head_timeout=self.timeout_s)
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             return error_response(502, code, text, None, {"upstream": self.name})

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from aiohttp.web import Response, StreamResponse
 
 from gateway import jsonrpc
-from gateway.httpserver import Request, Response, StreamResponse
+from gateway.edge import Request
 from gateway.sse import format_event
 from gateway.upstream import MESSAGE, OnOpen, Transform, Upstream, error_response, json_response
 
