@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
 __all__ = ["App", "EdgeLimits", "HttpServer", "Request", "json_error"]
@@ -47,6 +48,13 @@ CleanupCtx = Callable[["App"], AsyncIterator[None]]
 
 _VERSIONS = (HttpVersion11, HttpVersion10)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# chunked framing (size lines, extensions, CRLFs) allowed beyond the body's own bytes: llhttp
+# skips chunk extensions without storing them, so this bounds the bytes a client can make the
+# gateway read for nothing (a 1 GB extension on a 3-byte chunk)
+MAX_CHUNK_FRAMING_BYTES = 4096
+_BODY_LATE = orjson.dumps(
+    {"error": "request_timeout", "message": "Request Timeout: the body did not arrive in time"}
+).decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +117,7 @@ class Request(web.BaseRequest):
                 return await super().read()
         except TimeoutError:
             raise web.HTTPRequestTimeout(
-                body=orjson.dumps(
-                    {
-                        "error": "request_timeout",
-                        "message": "Request Timeout: the body did not arrive in time",
-                    }
-                ),
+                text=_BODY_LATE,
                 content_type="application/json",
             ) from None
 
@@ -122,13 +125,14 @@ class Request(web.BaseRequest):
 class _Conn(RequestHandler):
     """aiohttp's connection protocol plus the head deadline and the connection cap."""
 
-    __slots__ = ("_edge", "_head_timer", "_last_payload", "_refused")
+    __slots__ = ("_edge", "_framing", "_head_timer", "_last_payload", "_refused")
 
     def __init__(self, manager: _Server, *, loop: asyncio.AbstractEventLoop, **kwargs: Any) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._edge = manager.edge
         self._head_timer: asyncio.TimerHandle | None = None
         self._last_payload: Any = None
+        self._framing = 0  # bytes of chunk framing received for the current body
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -171,6 +175,9 @@ class _Conn(RequestHandler):
         if self._force_close or self._close:
             return
         count = self._request_count
+        p = self._last_payload
+        in_body = p is not None and not p.is_eof()
+        before = p.total_bytes if in_body else 0
         super().data_received(data)
         if self._request_count != count:  # a head is complete: its deadline is met
             t = self._head_timer
@@ -179,10 +186,43 @@ class _Conn(RequestHandler):
                 self._head_timer = None
             if self._messages:
                 self._last_payload = self._messages[-1][1]
-        elif self._head_timer is None and data:
-            p = self._last_payload
-            if p is None or p.is_eof():  # not body bytes: the first bytes of the next head
-                self._arm_head_timer()
+                self._framing = 0
+        elif in_body:
+            if not p.is_eof():  # every byte of `data` belonged to this body
+                self._framing += len(data) - (p.total_bytes - before)
+                if self._framing > MAX_CHUNK_FRAMING_BYTES:
+                    log.debug("closing a connection whose chunk framing is over the limit")
+                    p.set_exception(
+                        web.HTTPBadRequest(
+                            text=orjson.dumps(
+                                {"error": "bad_request", "message": "Bad Request: chunk extensions too long"}
+                            ).decode(),
+                            content_type="application/json",
+                        )
+                    )
+                    self._lingering_time = 0.0  # close right after the answer
+                    self.close()
+        elif self._head_timer is None and data:  # the first bytes of the next head
+            self._arm_head_timer()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        # a malformed request is the client's fault: no traceback in the log (a flood of them
+        # must not fill it), a short JSON answer, and the connection closes
+        log.debug("malformed request from %s: %s", request.remote, exc)
+        if isinstance(exc, BadStatusLine) and "Invalid HTTP version" in str(exc):
+            status = 505  # llhttp refuses e.g. HTTP/1.2 in the request line itself
+        text = (message or exc.message or "malformed request").strip().splitlines()[0][:200]
+        resp = json_error(status, "bad_request" if status == 400 else "http_version_not_supported", text)
+        resp.force_close()
+        return resp
 
 
 class _Server(web.Server):
