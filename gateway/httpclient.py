@@ -249,7 +249,11 @@ class _Conn(asyncio.Protocol):
     def _fail(self, exc: Exception) -> None:
         resp = self.resp
         if resp is not None and not resp._done and resp._exc is None:
-            err = UpstreamError(f"malformed response from upstream: {exc!r}")
+            cause = exc.__cause__ or exc.__context__  # httptools wraps a callback's exception
+            if isinstance(cause, _TooLarge):
+                err = UpstreamError(str(cause))
+            else:
+                err = UpstreamError(f"malformed response from upstream: {exc!r}")
             err.__cause__ = exc
             resp._exc = err
         self.abort()
