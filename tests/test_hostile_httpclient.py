@@ -81,7 +81,7 @@ async def test_an_endless_head_is_cut_at_max_head_bytes() -> None:
         with pytest.raises(UpstreamError, match="head over 16384 bytes"):
             await pool.request("POST", [], b"{}", read_timeout=10)
         await asyncio.wait_for(h.closed.wait(), 20)
-        assert h.sent < 2 << 20  # the client hung up long before a million headers
+        assert h.sent < 32 << 20  # of ~110 MB: cut at 16 KiB (the rest sat in loopback socket buffers)
         await pool.close()
 
 
