@@ -39,8 +39,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from aiohttp.web import Response
 
-from gateway.httpserver import App, Request, Response
+from gateway.edge import App, Request
 
 log = logging.getLogger("ledgergate.admin")
 

@@ -1,4 +1,4 @@
-"""Assemble the HTTP app (gateway.httpserver.App) from a config: upstreams, policies, proxy, addons."""
+"""Assemble the HTTP app (gateway.edge.App) from a config: upstreams, policies, proxy, addons."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 from gateway.audit.hooks import Addon, AddonChain
 from gateway.auth import Authenticator
 from gateway.config import Config
-from gateway.httpserver import App
+from gateway.edge import App, EdgeLimits
 from gateway.policy.live import PolicySet
-from gateway.proxy import Proxy, health
+from gateway.proxy import Proxy, health, health_detail
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.http import HttpUpstream
 from gateway.upstreams.stdio import StdioUpstream
@@ -29,7 +29,13 @@ def build_upstreams(cfg: Config) -> dict[str, Upstream]:
     ups: dict[str, Upstream] = {}
     for name, srv in cfg.servers.items():
         if srv.url is not None:
-            ups[name] = HttpUpstream(name, srv.url, cfg.gateway.upstream_timeout_s)
+            ups[name] = HttpUpstream(
+                name,
+                srv.url,
+                cfg.gateway.upstream_timeout_s,
+                max_head_bytes=cfg.gateway.max_upstream_head_bytes,
+                max_body_bytes=cfg.gateway.max_upstream_body_bytes,
+            )
         else:
             cwd = str(cfg.resolve(srv.cwd)) if srv.cwd else None
             ups[name] = StdioUpstream(name, cfg.command(name), srv.env, cwd, cfg.gateway.upstream_timeout_s)
@@ -59,15 +65,32 @@ def build_app(
         + ([cfg.gateway.host] if cfg.gateway.host not in ("0.0.0.0", "::", "") else []),
         allowed_origins=cfg.gateway.allowed_origins,
         clock=clock,
+        max_sessions_per_grant=cfg.gateway.max_sessions_per_grant,
+        max_inflight_per_grant=cfg.gateway.max_inflight_per_grant,
     )
-    # a body over max_body_bytes reaches the proxy unread, so it answers 413 with a JSON-RPC error
-    app = App(max_body_bytes=cfg.gateway.max_body_bytes)
+    gw = cfg.gateway
+    app = App(
+        EdgeLimits(
+            max_body_bytes=gw.max_body_bytes,
+            header_timeout_s=gw.header_timeout_s,
+            body_timeout_s=gw.body_timeout_s,
+            keepalive_timeout_s=gw.keepalive_timeout_s,
+            max_connections=gw.max_connections,
+            max_header_line_bytes=gw.max_header_line_bytes,
+            max_headers=gw.max_headers,
+            lingering_s=min(2.0, gw.body_timeout_s),
+        )
+    )
     app[PROXY_KEY] = proxy
     app[POLICIES_KEY] = policies
     app.add_post("/mcp/{server}", proxy.post)
     app.add_get("/mcp/{server}", proxy.get)
     app.add_delete("/mcp/{server}", proxy.delete)
-    app.add_get("/healthz", health(proxy))
+    app.add_head("/mcp/{server}", proxy.head)
+    app.add_get("/healthz", health)
+    app.add_head("/healthz", health)
+    if cfg.gateway.admin_token:
+        app.add_get("/admin/health", health_detail(proxy, cfg.gateway.admin_token))
     if admin is not None and cfg.gateway.admin_token:
         from gateway.admin import add_admin_routes
 

@@ -60,6 +60,19 @@ class GatewaySection(_Section):
     allowed_hosts: list[str] = Field(default_factory=list, description="Host names accepted besides loopback")
     allowed_origins: list[str] = Field(default_factory=list, description="Origins accepted besides loopback")
     instance_id: str | None = None
+    # the HTTP edge toward agents (README "Security and limits")
+    header_timeout_s: float = Field(15.0, gt=0, description="first byte of a request head -> its end")
+    body_timeout_s: float = Field(30.0, gt=0, description="end of the head -> end of the body")
+    keepalive_timeout_s: float = Field(75.0, gt=0, description="idle time between requests")
+    max_connections: int = Field(1024, gt=0, description="open agent connections; beyond: 503")
+    max_header_line_bytes: int = Field(8192, ge=256, le=65536, description="one header line")
+    max_headers: int = Field(100, gt=0, le=1000, description="header lines in one request")
+    max_sessions_per_grant: int = Field(256, gt=0, description="open MCP sessions per grant; beyond: 429")
+    max_inflight_per_grant: int = Field(64, gt=0, description="concurrent POSTs per grant; beyond: 429")
+    max_upstream_head_bytes: int = Field(64 * 1024, gt=0, description="an upstream answer's head")
+    max_upstream_body_bytes: int = Field(
+        16 << 20, gt=0, description="an upstream JSON answer, and one SSE event"
+    )
 
     @field_validator("listen")
     @classmethod

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
+from aiohttp.web import HTTPRequestEntityTooLarge, Response, StreamResponse
 
 from gateway.audit.hooks import Addon
 from gateway.auth import Authenticator, Grant
-from gateway.httpserver import BodyTooLarge, Request, Response, StreamResponse
+from gateway.edge import Request
 from gateway.mcp import jsonrpc
 from gateway.mcp.flow import CallFlow
 from gateway.mcp.jsonrpc import InvalidMessage, Kind
@@ -55,6 +58,8 @@ class Proxy:
         allowed_hosts: list[str] | None = None,
         allowed_origins: list[str] | None = None,
         clock: Callable[[], float] = time.time,
+        max_sessions_per_grant: int = 256,
+        max_inflight_per_grant: int = 64,
     ) -> None:
         self.auth = auth
         self.policies = policies
@@ -66,6 +71,9 @@ class Proxy:
         self.clock = clock
         self.allowed_hosts = LOOPBACK_HOSTS | {h.lower() for h in allowed_hosts or ()}
         self.allowed_origins = {o.lower().rstrip("/") for o in allowed_origins or ()}
+        self.max_sessions_per_grant = max_sessions_per_grant
+        self.max_inflight_per_grant = max_inflight_per_grant
+        self.inflight: dict[str, int] = {}  # grant name -> POSTs being handled
 
     # ---- checks shared by POST, GET and DELETE -------------------------------------------
 
@@ -146,6 +154,20 @@ class Proxy:
         if isinstance(front, Response):
             return front
         grant, server = front
+        n = self.inflight.get(grant.name, 0)
+        if n >= self.max_inflight_per_grant:
+            return self._too_many(f"{n} calls of this grant are in flight (max_inflight_per_grant)", 1)
+        self.inflight[grant.name] = n + 1
+        try:
+            return await self._post(req, grant, server)
+        finally:
+            n = self.inflight[grant.name] - 1
+            if n:
+                self.inflight[grant.name] = n
+            else:
+                del self.inflight[grant.name]
+
+    async def _post(self, req: Request, grant: Grant, server: str) -> StreamResponse:
         if req.content_length is not None and req.content_length > self.max_body_bytes:
             return self._too_large()
         body = await self._read_body(req)
@@ -196,6 +218,13 @@ class Proxy:
             session.active -= 1
             session.touch()
 
+    async def head(self, req: Request) -> StreamResponse:
+        front = self._front(req)
+        if isinstance(front, Response):
+            return front
+        # answered here: a HEAD relayed as GET would pull an endless upstream stream to drop it
+        return Response(status=405, headers={"Allow": "GET, POST, DELETE"})
+
     async def delete(self, req: Request) -> StreamResponse:
         front = self._front(req)
         if isinstance(front, Response):
@@ -214,6 +243,13 @@ class Proxy:
     async def _initialize(
         self, req: Request, msg: dict[str, Any], grant: Grant, server: str, upstream: Upstream
     ) -> StreamResponse:
+        if self.sessions.count(grant.name) >= self.max_sessions_per_grant:
+            return self._too_many(
+                f"this grant has {self.max_sessions_per_grant} open sessions (max_sessions_per_grant); "
+                "end one with DELETE or let it expire",
+                self.sessions.retry_after(grant.name),
+                msg["id"],
+            )
         params = msg.get("params") or {}
         info = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
         session = Session(
@@ -427,8 +463,8 @@ class Proxy:
 
     async def _read_body(self, req: Request) -> bytes | None:
         try:
-            body = await req.read()  # received whole by the server, bounded by max_body_bytes
-        except BodyTooLarge:
+            body = await req.read()  # bounded by max_body_bytes and the body deadline
+        except HTTPRequestEntityTooLarge:
             return None
         return None if len(body) > self.max_body_bytes else body
 
@@ -437,6 +473,17 @@ class Proxy:
             413,
             jsonrpc.INVALID_REQUEST,
             f"Payload Too Large: the body exceeds max_body_bytes ({self.max_body_bytes})",
+        )
+
+    def _too_many(self, why: str, retry_after_s: float, id: Any = None) -> Response:
+        wait = str(max(1, math.ceil(retry_after_s)))
+        return error_response(
+            429,
+            jsonrpc.INVALID_REQUEST,
+            f"Too Many Requests: {why}",
+            id,
+            {"retry_after_s": int(wait)},
+            headers={"Retry-After": wait},
         )
 
     def _close(self, session: Session, reason: str) -> None:
@@ -463,10 +510,32 @@ class Proxy:
             self._close(s, "shutdown")
 
 
-def health(proxy: Proxy) -> Callable[[Request], Any]:
+_ALIVE = orjson.dumps({"ok": True})
+
+
+async def health(req: Request) -> Response:
+    """Unauthenticated: only that the gateway is alive (counts are behind the admin token)."""
+    return Response(body=_ALIVE, content_type="application/json")
+
+
+def health_detail(proxy: Proxy, admin_token: str) -> Callable[[Request], Any]:
+    expected = f"Bearer {admin_token}".encode()
+
     async def handler(req: Request) -> Response:
-        return Response(
-            body=orjson.dumps({"ok": True, "sessions": len(proxy.sessions)}), content_type="application/json"
-        )
+        given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):
+            return Response(
+                status=401,
+                body=orjson.dumps({"error": "unauthorized", "message": "missing or wrong admin token"}),
+                content_type="application/json",
+                headers={"WWW-Authenticate": 'Bearer realm="ledgergate-admin"'},
+            )
+        doc = {
+            "ok": True,
+            "sessions": len(proxy.sessions),
+            "inflight": sum(proxy.inflight.values()),
+            "servers": sorted(proxy.upstreams),
+        }
+        return Response(body=orjson.dumps(doc), content_type="application/json")
 
     return handler

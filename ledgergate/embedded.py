@@ -28,7 +28,7 @@ from eventlog.base import EventLog
 from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
 from gateway.audit.writer import AuditAddon, instance_id
 from gateway.config import Config, stdio_command_problem
-from gateway.httpserver import HttpServer
+from gateway.edge import HttpServer
 from gateway.policy.rebuild import longest_window_s, rebuild_limiters
 
 log = logging.getLogger("ledgergate")

@@ -22,7 +22,7 @@ from consumers.counters import CountersConsumer
 from consumers.store import StoreError, open_store
 from gateway.admin import add_admin_routes, classify_error
 from gateway.config import Config
-from gateway.httpserver import App, HttpServer
+from gateway.edge import App, HttpServer
 from ledgergate.embedded import Embedded
 from schemas import events as E
 from tests.support.audit_contract import QUOTED_AGENT, RULE_LIMIT, at, open_log, scenario

@@ -23,12 +23,13 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp.web import Response, json_response
 
 from consumers.store.base import StoreError
 from eventlog.sqlite import SqliteEventLog
 from gateway.admin import add_admin_routes
 from gateway.config import load_config
-from gateway.httpserver import App, HttpServer, Request, Response, json_response
+from gateway.edge import App, HttpServer, Request
 from schemas import events as E
 from tests.support.audit_contract import QUOTED_AGENT, RULE_LIMIT, at, scenario
 from tests.support.gateway import SEED_POLICY, write_config
@@ -240,9 +241,9 @@ async def stand_in_gateway(cfg_path: Path, token: str | None, answer: Any) -> As
     app = App()
 
     async def healthz(req: Request) -> Response:
-        return json_response({"ok": True, "sessions": 0})
+        return json_response({"ok": True})
 
-    app.router.add_get("/healthz", healthz)
+    app.add_get("/healthz", healthz)
     if token:
         add_admin_routes(app, token, answer)
     async with HttpServer(app, cfg.gateway.host, cfg.gateway.port):

@@ -50,9 +50,17 @@ and asks for more. ``read()`` never pauses.
 
 Timeouts: ``read_timeout`` is the longest idle time while waiting for the next bytes of
 the response (headers or body), restarted by every received byte; ``None`` waits
-forever (long-lived GET streams). It raises ``UpstreamTimeout``, a subclass of both
+forever (long-lived GET streams). ``head_timeout`` (default: ``read_timeout``) is a
+deadline for the whole head, from the request: a head trickled a byte at a time does not
+restart it. It raises ``UpstreamTimeout``, a subclass of both
 ``UpstreamError`` and the built-in ``TimeoutError`` (== ``asyncio.TimeoutError``).
 ``connect_timeout`` bounds the TCP (and TLS) connect and raises ``UpstreamTimeout`` too.
+
+Limits (a hostile or broken upstream must not grow the gateway): the head (status line
+and headers) is at most ``max_head_bytes`` and ``max_headers`` lines; ``read()`` refuses a
+body over ``max_body_bytes`` (or its ``limit``) as soon as that much arrived, without
+buffering the rest; a streamed body is buffered at most ~``HIGH_WATER`` ahead of its
+consumer (see above). All raise ``UpstreamError`` and close the connection.
 
 Errors: connection refused/reset, the connection closing before the response is
 complete, and malformed responses raise ``UpstreamError`` (the ``OSError`` or parser
@@ -76,6 +84,7 @@ new connection (by the event loop). https works when the URL is ``https://`` (de
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl as _ssl
 from types import TracebackType
 from typing import Any
@@ -124,9 +133,16 @@ class _Unexpected(Exception):
     """Bytes from the upstream when no response is expected."""
 
 
+class _TooLarge(Exception):
+    """A response head or body over the pool's limits."""
+
+
 class _Conn(asyncio.Protocol):
     __slots__ = (
+        "_deadline",
         "_head",
+        "_head_bytes",
+        "_head_lines",
         "_headers",
         "_info",
         "_loop",
@@ -157,6 +173,9 @@ class _Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timeout = 0.0
+        self._deadline = math.inf  # the head's deadline while it is awaited
+        self._head_bytes = 0
+        self._head_lines = 0
         self._mark = 0.0
         self._paused = False
         self._rx = False
@@ -200,12 +219,16 @@ class _Conn(asyncio.Protocol):
         w = self._waiter
         if w is None or w.done():
             return
-        deadline = self._mark + self._timeout
+        idle_end = self._mark + self._timeout
+        deadline = min(idle_end, self._deadline)
         if deadline - self._loop.time() > 0.001:  # bytes arrived meanwhile: re-arm
             self._timer = self._loop.call_at(deadline, self.on_timer)
             return
         self._waiter = None
-        w.set_exception(UpstreamTimeout(f"no data from upstream for {self._timeout:g} s"))
+        if self._deadline < idle_end:
+            w.set_exception(UpstreamTimeout("the upstream did not send its answer's head in time"))
+        else:
+            w.set_exception(UpstreamTimeout(f"no data from upstream for {self._timeout:g} s"))
 
     # -- asyncio.Protocol ---------------------------------------------------------
 
@@ -241,7 +264,11 @@ class _Conn(asyncio.Protocol):
     def _fail(self, exc: Exception) -> None:
         resp = self.resp
         if resp is not None and not resp._done and resp._exc is None:
-            err = UpstreamError(f"malformed response from upstream: {exc!r}")
+            cause = exc.__cause__ or exc.__context__  # httptools wraps a callback's exception
+            if isinstance(cause, _TooLarge):
+                err = UpstreamError(str(cause))
+            else:
+                err = UpstreamError(f"malformed response from upstream: {exc!r}")
             err.__cause__ = exc
             resp._exc = err
         self.abort()
@@ -253,8 +280,23 @@ class _Conn(asyncio.Protocol):
         resp = self.resp
         if resp is None or resp._done:
             raise _Unexpected("data from upstream with no request outstanding")
+        self._head_bytes = 0
+        self._head_lines = 0
+
+    def on_status(self, status: bytes) -> None:
+        self._head_bytes += len(status)
+        if self._head_bytes > self._pool.max_head_bytes:
+            raise _TooLarge(f"upstream status line over {self._pool.max_head_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp buffers nothing itself: without these checks, headers grow the dict unbounded
+        pool = self._pool
+        self._head_lines += 1
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > pool.max_head_bytes:
+            raise _TooLarge(f"upstream head over {pool.max_head_bytes} bytes")
+        if self._head_lines > pool.max_headers:
+            raise _TooLarge(f"upstream head over {pool.max_headers} header lines")
         k = name.decode("latin-1").lower()
         v = value.decode("utf-8", "surrogateescape")
         h = self._headers
@@ -285,6 +327,9 @@ class _Conn(asyncio.Protocol):
             return  # HEAD answered with a body length: ignored, the connection is dropped
         resp._chunks.append(body)  # type: ignore[union-attr]
         resp._size += len(body)  # type: ignore[union-attr]
+        if resp._all and resp._size > resp._limit:  # type: ignore[union-attr]
+            # read() of a body over its limit: stop here, never buffer the rest
+            raise _TooLarge(f"upstream body larger than {resp._limit} bytes")  # type: ignore[union-attr]
         w = self._waiter
         if w is not None:
             self._waiter = None
@@ -310,9 +355,21 @@ class _Conn(asyncio.Protocol):
 class Response:
     """One upstream answer; see the module docstring. Release it (or read it whole)."""
 
-    __slots__ = ("_all", "_chunks", "_conn", "_done", "_exc", "_size", "_timeout", "headers", "status")
+    __slots__ = (
+        "_all",
+        "_chunks",
+        "_conn",
+        "_deadline",
+        "_done",
+        "_exc",
+        "_limit",
+        "_size",
+        "_timeout",
+        "headers",
+        "status",
+    )
 
-    def __init__(self, conn: _Conn, read_timeout: float | None) -> None:
+    def __init__(self, conn: _Conn, read_timeout: float | None, deadline: float = math.inf) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
         self._conn: _Conn | None = conn
@@ -321,6 +378,8 @@ class Response:
         self._done = False
         self._exc: BaseException | None = None
         self._timeout = read_timeout
+        self._deadline = deadline  # of the head; inf once it is in
+        self._limit = conn._pool.max_body_bytes
         self._all = False
 
     def __repr__(self) -> str:
@@ -337,10 +396,12 @@ class Response:
             conn._paused = False
             conn.transport.resume_reading()  # type: ignore[union-attr]
         timeout = self._timeout
-        if timeout is not None:
-            conn._timeout = timeout
+        deadline = self._deadline if not self.status else math.inf
+        if timeout is not None or deadline != math.inf:
+            conn._timeout = math.inf if timeout is None else timeout
+            conn._deadline = deadline
             conn._mark = now = loop.time()
-            conn._timer = loop.call_at(now + timeout, conn.on_timer)
+            conn._timer = loop.call_at(min(now + conn._timeout, deadline), conn.on_timer)
         try:
             await fut
         except BaseException as exc:
@@ -364,8 +425,12 @@ class Response:
     async def read(self, limit: int | None = None) -> bytes:
         """The whole (rest of the) body; then the connection goes back to the pool.
 
-        With ``limit``, a body longer than ``limit`` bytes raises ``UpstreamError``
-        (and the connection is closed)."""
+        A body longer than ``limit`` (default: the pool's ``max_body_bytes``) raises
+        ``UpstreamError`` as soon as that much arrived (and the connection is closed)."""
+        if limit is None:
+            limit = self._limit
+        else:
+            self._limit = limit
         self._all = True
         try:
             while not self._done:
@@ -450,6 +515,9 @@ class UpstreamPool:
         url: str,
         *,
         connect_timeout: float = 10.0,
+        max_head_bytes: int = 64 * 1024,
+        max_headers: int = 100,
+        max_body_bytes: int = 16 << 20,
         max_idle: int = 64,
         idle_timeout: float | None = 30.0,
         ssl: _ssl.SSLContext | None = None,
@@ -467,6 +535,9 @@ class UpstreamPool:
         self._host_line = f"Host: {authority}\r\n"
         self._path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         self._connect_timeout = connect_timeout
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.max_body_bytes = max_body_bytes
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
         self._prefixes: dict[str, str] = {}
@@ -524,25 +595,30 @@ class UpstreamPool:
         body: bytes | None = None,
         *,
         read_timeout: float | None = 60.0,
+        head_timeout: float | None = None,
         path: str | None = None,
     ) -> Response:
         """Send one request; return once the status line and headers are in.
 
-        ``path`` (with any query) overrides the URL's. Raises ``UpstreamError`` /
+        ``path`` (with any query) overrides the URL's. ``head_timeout`` (default:
+        ``read_timeout``) is the deadline for the whole head. Raises ``UpstreamError`` /
         ``UpstreamTimeout``; see the module docstring for the one retry."""
         head = self._serialize(method, headers, body, path)
         is_head = method == "HEAD"
         conn = self._pop_idle()
         if conn is None:
             conn = await self._connect()
-        resp = Response(conn, read_timeout)
+        if head_timeout is None:
+            head_timeout = read_timeout
+        deadline = math.inf if head_timeout is None else conn._loop.time() + head_timeout
+        resp = Response(conn, read_timeout, deadline)
         conn.start(resp, head, body, is_head)
         try:
             await resp._wait_headers()
         except _Stale:
             resp.release()
             conn = await self._connect()
-            resp = Response(conn, read_timeout)
+            resp = Response(conn, read_timeout, deadline)
             conn.start(resp, head, body, is_head)
             try:
                 await resp._wait_headers()

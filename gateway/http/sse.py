@@ -41,13 +41,20 @@ def parse_event(raw: bytes) -> SseEvent:
     return SseEvent(raw, b"\n".join(data) if has_data else None, eid, etype)
 
 
+class EventTooLarge(ValueError):
+    """An SSE event (still incomplete) over the splitter's ``max_event_bytes``."""
+
+
 class SseSplitter:
-    """Feed chunks, get complete events back; keeps the incomplete tail."""
+    """Feed chunks, get complete events back; keeps the incomplete tail (at most
+    ``max_event_bytes``: a longer event raises ``EventTooLarge``, so a stream with no event
+    separator cannot grow the relay)."""
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_max")
 
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
         self._buf = b""
+        self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> Iterator[SseEvent]:
         buf = self._buf + chunk if self._buf else chunk
@@ -61,9 +68,14 @@ class SseSplitter:
                     end, sep_len = i, len(sep)
             if end == -1:
                 break
+            if self._max is not None and end - start > self._max:
+                raise EventTooLarge(f"an upstream SSE event is over {self._max} bytes")
             yield parse_event(buf[start : end + sep_len])
             start = end + sep_len
         self._buf = buf[start:]
+        if self._max is not None and len(self._buf) > self._max:
+            self._buf = b""
+            raise EventTooLarge(f"an upstream SSE event is over {self._max} bytes")
 
     @property
     def pending(self) -> bytes:

@@ -45,6 +45,7 @@ class SessionRegistry:
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
         self._sessions: dict[str, Session] = {}
+        self._per_grant: dict[str, int] = {}  # grant name -> open sessions (max_sessions_per_grant)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -56,10 +57,38 @@ class SessionRegistry:
         return self._sessions.get(sid)
 
     def add(self, session: Session) -> None:
+        if session.id not in self._sessions:
+            g = session.grant.name
+            self._per_grant[g] = self._per_grant.get(g, 0) + 1
         self._sessions[session.id] = session
 
     def remove(self, sid: str) -> Session | None:
-        return self._sessions.pop(sid, None)
+        s = self._sessions.pop(sid, None)
+        if s is not None:
+            self._forget(s)
+        return s
+
+    def _forget(self, s: Session) -> None:
+        g = s.grant.name
+        n = self._per_grant.get(g, 0) - 1
+        if n > 0:
+            self._per_grant[g] = n
+        else:
+            self._per_grant.pop(g, None)
+
+    def count(self, grant: str) -> int:
+        """Open sessions of the grant named `grant`."""
+        return self._per_grant.get(grant, 0)
+
+    def retry_after(self, grant: str) -> float:
+        """Seconds until the grant's next idle session expires (the idle timeout if all are busy)."""
+        now = self._clock()
+        waits = [
+            s.last_seen + self.idle_timeout_s - now
+            for s in self._sessions.values()
+            if s.grant.name == grant and s.active <= 0
+        ]
+        return max(0.0, min(waits)) if waits else self.idle_timeout_s
 
     def expired(self) -> list[Session]:
         """Remove and return the sessions idle for longer than the timeout."""
@@ -69,4 +98,5 @@ class SessionRegistry:
         ]
         for s in gone:
             del self._sessions[s.id]
+            self._forget(s)
         return gone

@@ -7,17 +7,19 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from aiohttp.web import RequestKey, Response, StreamResponse
 
-from gateway.httpserver import Request, Response, StreamResponse
+from gateway.edge import Request
 from gateway.mcp import jsonrpc
 
 if TYPE_CHECKING:
     from gateway.mcp.flow import CallFlow
     from gateway.mcp.sessions import Session
 
-BODY = "lg_body"  # the POSTed body as received
-MESSAGE = "lg_msg"  # ... and parsed
-STARTED = "lg_started"  # set (True) once an answer's head went out: an error can only close the connection
+BODY = RequestKey("lg_body", bytes)  # the POSTed body as received
+MESSAGE = RequestKey("lg_msg", dict)  # ... and parsed
+# set once an answer's head went out: an error can only close the connection
+STARTED = RequestKey("lg_started", bool)
 
 # rewrites the final JSON-RPC response of a request (tools/list filtering); None = untouched
 Transform = Callable[[dict[str, Any]], dict[str, Any]] | None
@@ -65,13 +67,8 @@ class Upstream(abc.ABC):
 
 
 def abort_client(req: Request) -> None:
-    """Close a client's connection at once (a stream it does not read): its writes then fail.
-
-    Works with aiohttp's Request (`transport`) and gateway.httpserver's (`_conn.transport`).
-    """
-    transport = getattr(req, "transport", None)
-    if transport is None:
-        transport = getattr(getattr(req, "_conn", None), "transport", None)
+    """Close a client's connection at once (a stream it does not read): its writes then fail."""
+    transport = req.transport
     if transport is not None:
         transport.abort()
 

@@ -22,11 +22,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from aiohttp.web import Response, StreamResponse
 
+from gateway.edge import Request
 from gateway.http.client import Response as UpResponse
 from gateway.http.client import UpstreamError, UpstreamPool, UpstreamUnreachable
-from gateway.http.sse import SseSplitter, format_event
-from gateway.httpserver import Request, Response, StreamResponse
+from gateway.http.sse import EventTooLarge, SseSplitter, format_event
 from gateway.mcp import jsonrpc
 from gateway.upstreams.base import MESSAGE, STARTED, OnOpen, Transform, Upstream, error_response
 
@@ -38,18 +39,29 @@ log = logging.getLogger("ledgergate.upstream.http")
 
 _FORWARD_REQ = ("accept", "content-type", "mcp-protocol-version", "last-event-id", "user-agent")
 _FORWARD_RESP = ("content-type", "cache-control", "x-accel-buffering", "allow")
-_NETWORK_ERRORS = (UpstreamError, asyncio.TimeoutError, OSError)
+_NETWORK_ERRORS = (UpstreamError, asyncio.TimeoutError, OSError, EventTooLarge)
 _CLIENT_GONE = (ConnectionResetError,)
 
 
 class HttpUpstream(Upstream):
-    def __init__(self, name: str, url: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        timeout_s: float,
+        *,
+        max_head_bytes: int = 64 * 1024,
+        max_body_bytes: int = 16 << 20,
+    ) -> None:
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
+        self.max_event_bytes = max_body_bytes  # one SSE event is buffered whole, no more
         # a lean keep-alive HTTP/1.1 client (gateway/http/client.py): aiohttp's client costs
         # ~4x the CPU per request, and this is the hot path of every forwarded call
-        self.pool = UpstreamPool(url, connect_timeout=10.0)
+        self.pool = UpstreamPool(
+            url, connect_timeout=10.0, max_head_bytes=max_head_bytes, max_body_bytes=max_body_bytes
+        )
 
     async def close(self) -> None:
         await self.pool.close()
@@ -162,7 +174,7 @@ class HttpUpstream(Upstream):
         resp = StreamResponse(status=up.status, headers=self._resp_headers(up, session))
         req[STARTED] = True
         await resp.prepare(req)
-        splitter = SseSplitter()
+        splitter = SseSplitter(self.max_event_bytes)
         nbytes = 0
         try:
             async for chunk in up:
@@ -255,7 +267,8 @@ class HttpUpstream(Upstream):
         if (refusal := self._bad_header(headers)) is not None:
             return refusal
         try:
-            up = await self.pool.request("GET", headers, read_timeout=None)
+            # the stream may idle for long, but its head must come within the upstream timeout
+            up = await self.pool.request("GET", headers, read_timeout=None, head_timeout=self.timeout_s)
         except _NETWORK_ERRORS as exc:
             code, text = self._failure(exc)
             return error_response(502, code, text, None, {"upstream": self.name})

@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
+from aiohttp.web import Response, StreamResponse
 
+from gateway.edge import Request
 from gateway.http.sse import format_event
-from gateway.httpserver import Request, Response, StreamResponse
 from gateway.mcp import jsonrpc
 from gateway.upstreams.base import (
     MESSAGE,

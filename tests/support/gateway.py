@@ -21,7 +21,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from gateway.app import PROXY_KEY, build_app
 from gateway.config import Config, load_config
-from gateway.httpserver import App, HttpServer
+from gateway.edge import App, HttpServer
 from gateway.proxy import Proxy
 from tests.support.procs import free_port
 
