@@ -7,8 +7,9 @@ ReplacingMergeTree keyed by the event's own fields ending in event_id, read with
 so ``replay()`` from offset 0 never changes a forensic answer.
 
 Speed: payloads are validated as JSON objects (``decode_raw``) and then handed to
-ClickHouse as-is (JSONEachRow into the Null table ``audit_events_in``; materialized views
-route each kind into its table), so Python does no per-field work. Payloads that do
+ClickHouse as-is (JSONEachRow into the Null table ``audit_events_in``, or
+``security_events_in`` for auth.failed / admin.*; materialized views route each kind into
+its table), so Python does no per-field work. Payloads that do
 not look like the gateway's compact JSON are parsed with ``decode_raw`` first.
 """
 
@@ -24,7 +25,7 @@ import orjson
 
 from consumers.store import AuditStore, StoreError
 from eventlog.base import EventLog, Record
-from schemas.events import EVENT_KINDS, decode_raw
+from schemas.events import CALL_KINDS, EVENT_KINDS, SECURITY_KINDS, decode_raw
 
 log_ = logging.getLogger(__name__)
 
@@ -95,19 +96,23 @@ class LogConsumer:
     def _markers(self) -> list[bytes]:
         return [b'"kind":"' + k.encode() + b'"' for k in self.kinds]
 
+    def route(self, payloads: list[bytes]) -> list[tuple[str, list[bytes]]]:
+        """(table, payloads) to insert; one table unless a subclass routes kinds."""
+        return [(self.table, payloads)] if payloads else []
+
     async def process(self, records: Sequence[Record]) -> int:
         """Insert one batch (no commit). Returns the number of events inserted.
 
         If ClickHouse rejects the batch (a record the fast path let through is not valid
         JSON), the batch is re-selected with full parsing and inserted once more."""
         payloads = self.select(records)
-        if payloads:
-            try:
-                await self.store.insert_json(self.table, payloads)
-            except StoreError:
-                payloads = self.select(records, strict=True)
-                if payloads:
-                    await self.store.insert_json(self.table, payloads)
+        try:
+            for table, part in self.route(payloads):
+                await self.store.insert_json(table, part)
+        except StoreError:
+            payloads = self.select(records, strict=True)
+            for table, part in self.route(payloads):
+                await self.store.insert_json(table, part)  # idempotent: a re-insert collapses
         self.inserted += len(payloads)
         return len(payloads)
 
@@ -193,10 +198,46 @@ class LogConsumer:
         return done
 
 
+_KIND = b'"kind":"'
+
+
+def event_kind(payload: bytes) -> str | None:
+    """The kind of one event payload: the FIRST ``"kind":"`` of the gateway's compact JSON,
+    which precedes every agent-controlled field (an argument object holding ``"kind":
+    "auth.failed"`` must not move a call.decided to another table); else parsed."""
+    k = payload.find(_KIND)
+    if k >= 0:
+        end = payload.find(b'"', k + 8)
+        if end > 0:
+            return payload[k + 8 : end].decode("utf-8", "replace")
+    try:
+        ev = decode_raw(payload)
+    except orjson.JSONDecodeError:
+        return None
+    kind = ev.get("kind") if isinstance(ev, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 class AuditConsumer(LogConsumer):
-    """Every event kind -> audit_calls / audit_outcomes / audit_sessions / audit_policy_loads."""
+    """Every event kind -> audit_calls / audit_outcomes / audit_sessions / audit_policy_loads
+    (through audit_events_in), and auth.failed / admin.* -> audit_auth_failures /
+    audit_admin (through security_events_in, 003_security.sql)."""
 
     table = "audit_events_in"
+    security_table = "security_events_in"
+    _security = frozenset(SECURITY_KINDS)
+    _calls = frozenset(CALL_KINDS)
+
+    def route(self, payloads: list[bytes]) -> list[tuple[str, list[bytes]]]:
+        calls: list[bytes] = []
+        security: list[bytes] = []
+        for p in payloads:
+            kind = event_kind(p)
+            if kind in self._security:
+                security.append(p)
+            elif kind in self._calls:
+                calls.append(p)
+        return [(t, part) for t, part in ((self.table, calls), (self.security_table, security)) if part]
 
     def __init__(self, log: EventLog, store: AuditStore, name: str = "audit", *, batch: int = 50_000) -> None:
         super().__init__(log, store, name, batch=batch)

@@ -44,6 +44,12 @@ class GatewaySection(_Section):
     allowed_hosts: list[str] = Field(default_factory=list, description="Host names accepted besides loopback")
     allowed_origins: list[str] = Field(default_factory=list, description="Origins accepted besides loopback")
     instance_id: str | None = None
+    auth_failure_interval_s: float = Field(
+        1.0, gt=0, description="auth.failed events: at most one per (address, server, reason) per interval"
+    )
+    auth_failure_max_keys: int = Field(
+        1024, gt=0, description="(address, server, reason) keys tracked; beyond, one bucket per reason"
+    )
 
     @field_validator("listen")
     @classmethod
