@@ -279,7 +279,9 @@ async def test_admin_requests_are_audited(tmp_path: Path, whatsapp_command: Stdi
         rows = await admin_sql(http, base, "SELECT {n:UInt8} + 1 AS two", n=1)
         assert rows == [{"two": 2}]
         async with http.post(
-            f"{base}/admin/audit/sql", data=orjson.dumps({"sql": "DROP TABLE audit_calls"}), headers=ADMIN_AUTH
+            f"{base}/admin/audit/sql",
+            data=orjson.dumps({"sql": "DROP TABLE audit_calls"}),
+            headers=ADMIN_AUTH,
         ) as resp:
             assert resp.status == 400
         async with http.get(f"{base}/admin/audit/calls", params={"bogus": "1"}, headers=ADMIN_AUTH) as resp:
