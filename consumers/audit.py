@@ -7,8 +7,9 @@ ReplacingMergeTree keyed by the event's own fields ending in event_id, read with
 so ``replay()`` from offset 0 never changes a forensic answer.
 
 Speed: payloads are validated as JSON objects (``decode_raw``) and then handed to
-ClickHouse as-is (JSONEachRow into the Null table ``audit_events_in``; materialized views
-route each kind into its table), so Python does no per-field work. Payloads that do
+ClickHouse as-is (JSONEachRow into the Null table ``audit_events_in``, or
+``security_events_in`` for auth.failed / admin.*; materialized views route each kind into
+its table), so Python does no per-field work. Payloads that do
 not look like the gateway's compact JSON are parsed with ``decode_raw`` first.
 """
 
@@ -18,19 +19,58 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from consumers.runner import LogConsumer
-from consumers.store.base import AuditStore
+from consumers.store import AuditStore
 from eventlog.base import EventLog
+from schemas.events import CALL_KINDS, SECURITY_KINDS, decode_raw
 
 log_ = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], Any]
 
 
+_KIND = b'"kind":"'
+
+
+def event_kind(payload: bytes) -> str | None:
+    """The kind of one event payload: the FIRST ``"kind":"`` of the gateway's compact JSON,
+    which precedes every agent-controlled field (an argument object holding ``"kind":
+    "auth.failed"`` must not move a call.decided to another table); else parsed."""
+    k = payload.find(_KIND)
+    if k >= 0:
+        end = payload.find(b'"', k + 8)
+        if end > 0:
+            return payload[k + 8 : end].decode("utf-8", "replace")
+    try:
+        ev = decode_raw(payload)
+    except orjson.JSONDecodeError:
+        return None
+    kind = ev.get("kind") if isinstance(ev, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 class AuditConsumer(LogConsumer):
-    """Every event kind -> audit_calls / audit_outcomes / audit_sessions / audit_policy_loads."""
+    """Every event kind -> audit_calls / audit_outcomes / audit_sessions / audit_policy_loads
+    (through audit_events_in), and auth.failed / admin.* -> audit_auth_failures /
+    audit_admin (through security_events_in, 003_security.sql)."""
 
     table = "audit_events_in"
+    security_table = "security_events_in"
+    _security = frozenset(SECURITY_KINDS)
+    _calls = frozenset(CALL_KINDS)
+
+    def route(self, payloads: list[bytes]) -> list[tuple[str, list[bytes]]]:
+        calls: list[bytes] = []
+        security: list[bytes] = []
+        for p in payloads:
+            kind = event_kind(p)
+            if kind in self._security:
+                security.append(p)
+            elif kind in self._calls:
+                calls.append(p)
+        return [(t, part) for t, part in ((self.table, calls), (self.security_table, security)) if part]
 
     def __init__(self, log: EventLog, store: AuditStore, name: str = "audit", *, batch: int = 50_000) -> None:
         super().__init__(log, store, name, batch=batch)

@@ -149,6 +149,10 @@ async def calls(
     return await store.query(text, params)
 
 
+UNAUTHENTICATED = "(unauthenticated)"  # the agent of failed authentication in denials
+AUTH_RULE = "auth"
+
+
 async def denials(
     store: AuditStore,
     since: str | datetime | None = None,
@@ -157,17 +161,43 @@ async def denials(
     tool: str | None = None,
     agent: str | None = None,
 ) -> Answer:
-    """Refusals grouped by (agent, tool, rule): count, first, last; most frequent first."""
+    """Refusals grouped by (agent, tool, rule): count, first, last; most frequent first.
+
+    Failed authentication (auth.failed) is a refusal too, asked about as "who tried to get
+    in": rows with agent ``(unauthenticated)``, tool empty, rule ``auth``, grouped by source
+    address (``remote``) and ``reason``, ``count`` summing the aggregated events. Call
+    refusals leave remote and reason empty. A tool filter, or an agent filter naming
+    someone else, leaves them out."""
     conds, params = _filters(tool=tool, server=server, since=since, until=until, agent=agent)
     conds.append(f"c.decision IN {_in(REFUSED)}")
     text = (
         "SELECT c.agent AS agent, if(c.tool = '', c.method, c.tool) AS tool, c.rule AS rule,\n"
-        "  count() AS count, min(c.ts) AS first, max(c.ts) AS last\n"
+        "  count() AS count, min(c.ts) AS first, max(c.ts) AS last,\n"
+        "  '' AS remote, '' AS reason\n"
         "FROM audit_calls AS c FINAL\n"
         f"{_where(conds)}"
         "GROUP BY agent, tool, rule\n"
-        "ORDER BY count DESC, agent, tool, rule"
     )
+    if tool is None and agent in (None, UNAUTHENTICATED):
+        auth: list[str] = []
+        if server is not None:
+            auth.append("a.server = {server:String}")
+        if since is not None:
+            auth.append("a.last_ts >= {since:DateTime64(3, 'UTC')}")
+        if until is not None:
+            auth.append("a.first_ts < {until:DateTime64(3, 'UTC')}")
+        text = (
+            f"SELECT * FROM (\n{text}"
+            "UNION ALL\n"
+            f"SELECT '{UNAUTHENTICATED}' AS agent, '' AS tool, '{AUTH_RULE}' AS rule,\n"
+            "  sum(a.`count`) AS count, min(a.first_ts) AS first, max(a.last_ts) AS last,\n"
+            "  a.remote AS remote, toString(a.reason) AS reason\n"
+            "FROM audit_auth_failures AS a FINAL\n"
+            f"{_where(auth)}"
+            "GROUP BY remote, reason\n"
+            ")\n"
+        )
+    text += "ORDER BY count DESC, agent, tool, rule, remote, reason"
     return await store.query(text, params)
 
 

@@ -86,19 +86,23 @@ class LogConsumer:
     def _markers(self) -> list[bytes]:
         return [b'"kind":"' + k.encode() + b'"' for k in self.kinds]
 
+    def route(self, payloads: list[bytes]) -> list[tuple[str, list[bytes]]]:
+        """(table, payloads) to insert; one table unless a subclass routes kinds."""
+        return [(self.table, payloads)] if payloads else []
+
     async def process(self, records: Sequence[Record]) -> int:
         """Insert one batch (no commit). Returns the number of events inserted.
 
         If ClickHouse rejects the batch (a record the fast path let through is not valid
         JSON), the batch is re-selected with full parsing and inserted once more."""
         payloads = self.select(records)
-        if payloads:
-            try:
-                await self.store.insert_json(self.table, payloads)
-            except StoreError:
-                payloads = self.select(records, strict=True)
-                if payloads:
-                    await self.store.insert_json(self.table, payloads)
+        try:
+            for table, part in self.route(payloads):
+                await self.store.insert_json(table, part)
+        except StoreError:
+            payloads = self.select(records, strict=True)
+            for table, part in self.route(payloads):
+                await self.store.insert_json(table, part)  # idempotent: a re-insert collapses
         self.inserted += len(payloads)
         return len(payloads)
 

@@ -28,10 +28,19 @@ contract with the ``answer`` callable (``ledgergate.embedded.Embedded.answer``):
 - any other store or I/O failure                                  -> 503 ``store_unavailable``
 
 ``classify_error`` implements that mapping; the CLI uses it too, so both surfaces agree.
+
+Auditing the auditors: given ``addons`` (the gateway's AddonChain), every request is
+reported once answered: ``addons.admin_request`` (question, SQL text and parameters or
+filters, caller, status, row count; the audit addon writes admin.query / admin.reload)
+and, for a missing or wrong token, ``addons.auth_failed`` with server ``(admin)``. The
+handlers are wrapped from outside (``_audited``), so they stay as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import hmac
 import logging
 import re
@@ -41,6 +50,8 @@ from typing import Any
 import orjson
 from aiohttp.web import Response
 
+from gateway.audit.hooks import Addon, AdminRequest
+from gateway.auth import failure_reason
 from gateway.edge import App, Request
 
 log = logging.getLogger("ledgergate.admin")
@@ -144,15 +155,84 @@ def _error(status: int, kind: str, message: str) -> Response:
     return _json(status, {"error": kind, "message": message}, headers)
 
 
+ADMIN_SERVER = "(admin)"  # the server name of auth.failed events of the admin API
+_RECORD: contextvars.ContextVar[AdminRequest | None] = contextvars.ContextVar("admin_record", default=None)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _recording(answer: AnswerFn) -> AnswerFn:
+    """``answer`` that notes its row count or error kind on the request's record."""
+
+    @functools.wraps(answer)
+    async def recorded(question: str, params: dict[str, Any], *args: Any, **kwargs: Any) -> Answer:
+        record = _RECORD.get()
+        try:
+            columns, rows = await answer(question, params, *args, **kwargs)
+        except Exception as exc:
+            if record is not None:
+                record.error = classify_error(exc)[1]
+            raise
+        if record is not None:
+            record.row_count = len(rows)
+        return columns, rows
+
+    return recorded
+
+
+def _audited(addons: Addon, action: str | None, handler: Handler) -> Handler:
+    """``handler`` that reports each request to ``addons`` once answered (see module doc)."""
+
+    async def wrapped(req: Request) -> Response:
+        record = AdminRequest(action or req.match_info.get("question", "?"), remote=req.remote)
+        if record.action in QUESTIONS:
+            record.filters = {k: v for k, v in req.query.items()}
+        elif record.action == "sql":
+            with contextlib.suppress(Exception):  # best effort: the handler judges the body
+                body = orjson.loads(await req.read())
+                if isinstance(body, dict):
+                    record.sql = body["sql"] if isinstance(body.get("sql"), str) else None
+                    record.params = body["params"] if isinstance(body.get("params"), dict) else None
+        reset = _RECORD.set(record)
+        try:
+            resp = await handler(req)
+        except Exception as exc:
+            record.status, record.message = 500, f"{type(exc).__name__}: {exc}"
+            addons.admin_request(record)
+            raise
+        finally:
+            _RECORD.reset(reset)
+        record.status = resp.status
+        if resp.status == 401:
+            addons.auth_failed(req.remote, ADMIN_SERVER, failure_reason(req.headers.get("Authorization")))
+            return resp
+        if resp.status >= 400 or record.action == "reload":
+            with contextlib.suppress(Exception):
+                doc = orjson.loads(resp.body)  # type: ignore[arg-type]
+                if resp.status >= 400:
+                    record.error = record.error or str(doc.get("error"))
+                    record.message = str(doc.get("message"))
+                elif isinstance(doc, dict):
+                    record.results = doc
+        addons.admin_request(record)
+        return resp
+
+    return wrapped
+
+
 def add_admin_routes(
     app: App,
     token: str,
     answer: AnswerFn,
     reload: ReloadFn | None = None,
+    addons: Addon | None = None,
 ) -> None:
-    """Mount the admin API on ``app`` (see the module doc for routes and the error contract)."""
+    """Mount the admin API on ``app`` (see the module doc for routes and the error contract).
+    With ``addons``, every request is reported to them (admin_request / auth_failed)."""
     if not token:
         raise ValueError("the admin API needs a non-empty admin token")
+    if addons is not None:
+        answer = _recording(answer)
     expected = f"Bearer {token}".encode()
 
     def authorized(req: Request) -> bool:
@@ -217,7 +297,10 @@ def add_admin_routes(
         # a policy that failed to load is an error for the caller, not a 200 with a message
         return _json(422 if any(v is not None for v in results.values()) else 200, results)
 
-    app.add_get("/admin/audit/{question:who|calls|denials}", audit)
-    app.add_post("/admin/audit/sql", sql)
+    def hooked(action: str | None, handler: Handler) -> Handler:
+        return handler if addons is None else _audited(addons, action, handler)
+
+    app.add_get("/admin/audit/{question:who|calls|denials}", hooked(None, audit))
+    app.add_post("/admin/audit/sql", hooked("sql", sql))
     if reload is not None:
-        app.add_post("/admin/policies/reload", do_reload)
+        app.add_post("/admin/policies/reload", hooked("reload", do_reload))

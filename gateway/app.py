@@ -94,7 +94,7 @@ def build_app(
     if admin is not None and cfg.gateway.admin_token:
         from gateway.admin import add_admin_routes
 
-        add_admin_routes(app, cfg.gateway.admin_token, admin, policies.reload)
+        add_admin_routes(app, cfg.gateway.admin_token, admin, policies.reload, chain)
 
     async def lifecycle(app: App) -> AsyncIterator[None]:
         for up in upstreams.values():

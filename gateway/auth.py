@@ -42,3 +42,16 @@ class Authenticator:
             if hmac.compare_digest(grant.digest, digest):
                 found = grant
         return found
+
+
+def failure_reason(authorization: str | None) -> str:
+    """Why ``authorization`` was refused, for the auth.failed event: missing_key,
+    wrong_scheme, empty_key or invalid_key. Reads only the scheme, never the key."""
+    if not authorization:
+        return "missing_key"
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return "wrong_scheme"
+    if not token.strip():
+        return "empty_key"
+    return "invalid_key"

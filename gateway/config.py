@@ -73,6 +73,12 @@ class GatewaySection(_Section):
     max_upstream_body_bytes: int = Field(
         16 << 20, gt=0, description="an upstream JSON answer, and one SSE event"
     )
+    auth_failure_interval_s: float = Field(
+        1.0, gt=0, description="auth.failed events: at most one per (address, server, reason) per interval"
+    )
+    auth_failure_max_keys: int = Field(
+        1024, gt=0, description="(address, server, reason) keys tracked; beyond, one bucket per reason"
+    )
 
     @field_validator("listen")
     @classmethod

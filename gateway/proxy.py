@@ -27,7 +27,7 @@ import orjson
 from aiohttp.web import HTTPRequestEntityTooLarge, Response, StreamResponse
 
 from gateway.audit.hooks import Addon
-from gateway.auth import Authenticator, Grant
+from gateway.auth import Authenticator, Grant, failure_reason
 from gateway.edge import Request
 from gateway.mcp import jsonrpc
 from gateway.mcp.flow import CallFlow
@@ -98,8 +98,12 @@ class Proxy:
                 jsonrpc.INVALID_REQUEST,
                 "Forbidden: Host or Origin not allowed (DNS rebinding protection)",
             )
-        grant = self.auth.authenticate(req.headers.get("Authorization"))
+        authorization = req.headers.get("Authorization")
+        grant = self.auth.authenticate(authorization)
         if grant is None:
+            # a security event (aggregated by the audit addon: a flood costs no fsync per 401)
+            server = req.match_info.get("server", "")
+            self.addons.auth_failed(req.remote, server, failure_reason(authorization))
             why = "missing" if "Authorization" not in req.headers else "invalid"
             return error_response(
                 401,

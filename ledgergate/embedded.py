@@ -301,6 +301,8 @@ async def serve(
         embedded.log,
         instance_id(cfg.gateway.instance_id),
         server_redact={name: srv.redact for name, srv in cfg.servers.items() if srv.redact},
+        auth_failure_interval_s=cfg.gateway.auth_failure_interval_s,
+        auth_failure_max_keys=cfg.gateway.auth_failure_max_keys,
     )
     try:
         app = build_app(

@@ -10,6 +10,11 @@ Kinds:
 - call.completed  how that request ended (linked by call_id)
 - session.opened / session.closed
 - policy.loaded   a policy file was (re)loaded, or failed to load
+- auth.failed     requests refused for their credentials (401), aggregated per
+                  (source address, server, reason) and interval: `count` failures
+                  between `first_ts` and `last_ts`; never any key material
+- admin.query     an admin API (or local CLI) forensic question: who asked what, how it ended
+- admin.reload    a policy reload asked over the admin API
 """
 
 from __future__ import annotations
@@ -165,12 +170,82 @@ class PolicyLoaded(_Event):
     error: str | None = None
 
 
+AuthReason = Literal["missing_key", "wrong_scheme", "empty_key", "invalid_key"]
+
+
+class AuthFailed(_Event):
+    """Requests refused with 401, aggregated: under a flood one event stands for many.
+
+    The gateway keeps, per (remote, server, reason), at most one event per interval: the
+    first failure is written at once (count 1), later ones within the interval are summed
+    into one event written when the interval ends. Past a cap on tracked keys, failures
+    are summed per reason into an `overflow` event (remote and server "*"). Holds no key
+    material at all: not the key, not a hash, not a prefix.
+    """
+
+    kind: Literal["auth.failed"] = "auth.failed"
+    remote: str | None = Field(None, description="source address of the requests")
+    server: str = Field(description="server name from the path, even unknown; '(admin)' for the admin API")
+    reason: AuthReason
+    count: int = Field(ge=1, description="failures this event stands for")
+    first_ts: int = Field(description="first of them, UTC ms")
+    last_ts: int = Field(description="last of them, UTC ms")
+    overflow: bool = Field(False, description="summed beyond the cap on tracked (remote, server) keys")
+
+
+AdminQuestion = Literal["who", "calls", "denials", "sql"]
+AdminOutcome = Literal["ok", "refused", "error"]
+
+
+class AdminQuery(_Event):
+    """A forensic question asked over the admin API (caller "token") or by the CLI on the
+    store itself (caller "local"): the auditors are audited."""
+
+    kind: Literal["admin.query"] = "admin.query"
+    question: AdminQuestion
+    sql: str | None = Field(None, description="the SQL text (question sql)")
+    params: dict[str, Any] | None = Field(None, description="its {name:Type} parameter values")
+    filters: dict[str, str] | None = Field(None, description="the filters of who / calls / denials")
+    caller: Literal["token", "local"]
+    remote: str | None = None
+    outcome: AdminOutcome
+    status: int | None = Field(None, description="HTTP status of the answer (None for local)")
+    error: str | None = Field(None, description="error kind: bad_request, read_only, query_error, ...")
+    message: str | None = None
+    row_count: int | None = None
+    duration_ms: float = 0.0
+
+
+class AdminReload(_Event):
+    """A policy reload asked over the admin API (each file's own policy.loaded follows)."""
+
+    kind: Literal["admin.reload"] = "admin.reload"
+    caller: Literal["token", "local"] = "token"
+    remote: str | None = None
+    outcome: AdminOutcome
+    status: int | None = None
+    results: dict[str, str | None] = Field(
+        default_factory=dict, description="server -> None (loaded) or the error"
+    )
+    message: str | None = None
+    duration_ms: float = 0.0
+
+
 Event = Annotated[
-    CallDecided | CallCompleted | SessionOpened | SessionClosed | PolicyLoaded,
+    CallDecided
+    | CallCompleted
+    | SessionOpened
+    | SessionClosed
+    | PolicyLoaded
+    | AuthFailed
+    | AdminQuery
+    | AdminReload,
     Field(discriminator="kind"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
-EVENT_KINDS = ("call.decided", "call.completed", "session.opened", "session.closed", "policy.loaded")
+CALL_KINDS = ("call.decided", "call.completed", "session.opened", "session.closed", "policy.loaded")
+SECURITY_KINDS = ("auth.failed", "admin.query", "admin.reload")
+EVENT_KINDS = CALL_KINDS + SECURITY_KINDS
 
 
 def encode(event: _Event) -> bytes:

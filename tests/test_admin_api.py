@@ -161,16 +161,16 @@ async def test_calls(client: ClientSession) -> None:
 
 async def test_denials(client: ClientSession) -> None:
     doc = await get_json(client, "/admin/audit/denials")
-    assert doc["columns"] == ["agent", "tool", "rule", "count", "first", "last"]
+    assert doc["columns"] == ["agent", "tool", "rule", "count", "first", "last", "remote", "reason"]
     assert doc["rows"] == [
-        ["agent-b", "open_session", RULE_LIMIT, 2, iso(30), iso(70)],
-        ["agent-b", "delete_chat", "/default", 1, iso(90), iso(90)],
-        [QUOTED_AGENT, "open_session", "/default", 1, iso(130), iso(130)],
+        ["agent-b", "open_session", RULE_LIMIT, 2, iso(30), iso(70), "", ""],
+        ["agent-b", "delete_chat", "/default", 1, iso(90), iso(90), "", ""],
+        [QUOTED_AGENT, "open_session", "/default", 1, iso(130), iso(130), "", ""],
     ]
     doc = await get_json(client, "/admin/audit/denials", params={"since": iso(60), "agent": "agent-b"})
     assert doc["rows"] == [
-        ["agent-b", "delete_chat", "/default", 1, iso(90), iso(90)],
-        ["agent-b", "open_session", RULE_LIMIT, 1, iso(70), iso(70)],
+        ["agent-b", "delete_chat", "/default", 1, iso(90), iso(90), "", ""],
+        ["agent-b", "open_session", RULE_LIMIT, 1, iso(70), iso(70), "", ""],
     ]
 
 

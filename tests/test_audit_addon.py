@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eventlog import SqliteEventLog
-from gateway.audit.hooks import AddonChain
+from gateway.audit.hooks import AddonChain, AdminRequest
 from gateway.audit.writer import AuditAddon
 from gateway.auth import Grant
 from gateway.mcp.flow import CallFlow
@@ -15,7 +15,17 @@ from gateway.mcp.sessions import Session
 from gateway.policy.engine import Call, decide
 from gateway.policy.limiter import Limiter
 from gateway.policy.live import PolicySet
-from schemas.events import CallCompleted, CallDecided, PolicyLoaded, SessionClosed, SessionOpened, decode
+from schemas.events import (
+    AdminQuery,
+    AdminReload,
+    AuthFailed,
+    CallCompleted,
+    CallDecided,
+    PolicyLoaded,
+    SessionClosed,
+    SessionOpened,
+    decode,
+)
 
 POLICY = (
     '{"version":"1","default":"deny","tools":{"send_message":{"redact":["content"],'
@@ -110,3 +120,44 @@ async def test_every_event_validates_against_its_model(tmp_path: Path) -> None:
     assert completed.outcome == "is_error" and completed.response_bytes == 42
     assert events[4].reason == "deleted"
     assert len({e.event_id for e in events}) == 5
+
+
+async def test_security_events_validate_against_their_models(tmp_path: Path) -> None:
+    log = SqliteEventLog(tmp_path / "events.db", durability="strict")
+    await log.open()
+    addon = AuditAddon(log, "gw-1", auth_failure_interval_s=3600)
+    for _ in range(3):
+        addon.auth_failed("10.0.0.7", "wa", "invalid_key")
+    addon.auth_failed(None, "odd-\udcff-path", "missing_key")  # surrogateescape'd path bytes
+    addon.admin_request(
+        AdminRequest(
+            "sql", remote="127.0.0.1", sql="SELECT {n:UInt8}", params={"n": 1}, status=200, row_count=1
+        )
+    )
+    addon.admin_request(AdminRequest("denials", filters={"since": "1d"}, status=400, error="bad_request"))
+    addon.admin_request(AdminRequest("who", caller="local", error="store_unavailable", message="down"))
+    addon.admin_request(AdminRequest("reload", status=200, results={"wa": None, "x": "broken json"}))
+    await addon.close()
+    events = [decode(r.payload) for r in await log.read(0)]
+    await log.close()
+    assert [type(e) for e in events] == [
+        AuthFailed,
+        AuthFailed,
+        AdminQuery,
+        AdminQuery,
+        AdminQuery,
+        AdminReload,
+        AuthFailed,  # the pending sum of the first key, drained at close
+    ]
+    first, odd, sql, denials, who, reload, rest = events
+    assert isinstance(first, AuthFailed) and isinstance(rest, AuthFailed) and isinstance(odd, AuthFailed)
+    assert (first.count, rest.count, rest.remote, rest.server) == (1, 2, "10.0.0.7", "wa")
+    assert odd.server == "odd-\\udcff-path" and odd.remote is None
+    assert isinstance(sql, AdminQuery) and (sql.outcome, sql.sql, sql.params) == (
+        "ok",
+        "SELECT {n:UInt8}",
+        {"n": 1},
+    )
+    assert isinstance(denials, AdminQuery) and denials.outcome == "refused"
+    assert isinstance(who, AdminQuery) and (who.caller, who.outcome) == ("local", "error")
+    assert isinstance(reload, AdminReload) and reload.outcome == "error"  # a policy did not load

@@ -6,11 +6,34 @@ hooks must not block: they queue their work.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gateway.mcp.flow import CallFlow
     from gateway.mcp.sessions import Session
+
+
+@dataclass(slots=True)
+class AdminRequest:
+    """One admin API request (or local CLI question) as it was answered.
+
+    ``action`` is the question (who / calls / denials / sql) or ``reload``; ``status`` the
+    HTTP status (None for local); ``error`` the error kind of gateway.admin.classify_error."""
+
+    action: str
+    caller: str = "token"
+    remote: str | None = None
+    sql: str | None = None
+    params: dict[str, Any] | None = None
+    filters: dict[str, str] | None = None
+    status: int | None = None
+    error: str | None = None
+    message: str | None = None
+    row_count: int | None = None
+    results: dict[str, str | None] | None = None
+    started: float = field(default_factory=time.perf_counter)
 
 
 class Addon:
@@ -25,6 +48,13 @@ class Addon:
     def session_closed(self, session: Session, reason: str) -> None: ...
 
     def policy_loaded(self, server: str, path: str, version: str | None, error: str | None) -> None: ...
+
+    def auth_failed(self, remote: str | None, server: str, reason: str) -> None:
+        """A request was refused for its credentials (401). Called for every failure, so
+        under a flood: cheap, never blocking (the audit addon aggregates)."""
+
+    def admin_request(self, request: AdminRequest) -> None:
+        """An admin API request was answered (or refused)."""
 
 
 class AddonChain(Addon):
@@ -53,3 +83,11 @@ class AddonChain(Addon):
     def policy_loaded(self, server: str, path: str, version: str | None, error: str | None) -> None:
         for a in self.addons:
             a.policy_loaded(server, path, version, error)
+
+    def auth_failed(self, remote: str | None, server: str, reason: str) -> None:
+        for a in self.addons:
+            a.auth_failed(remote, server, reason)
+
+    def admin_request(self, request: AdminRequest) -> None:
+        for a in self.addons:
+            a.admin_request(request)

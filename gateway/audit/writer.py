@@ -2,8 +2,12 @@
 
 `decided()` appends the call.decided event and returns once the log says it is durable
 (strict: fsync'd / acked; batched: queued, durable within the flush interval). Other
-events (call.completed, session.*, policy.loaded) are queued and ride along with the next
-decided append, or are flushed by a short timer, so they never cost a commit of their own.
+events (call.completed, session.*, policy.loaded, auth.failed, admin.*) are queued and ride
+along with the next decided append, or are flushed by a short timer, so they never cost a
+commit of their own.
+
+Failed authentication is aggregated (AuthFailures): a flood of 401s from one address costs
+one dict update per request and about one event per (address, server, reason) and interval.
 
 Events are built as plain dicts in the exact shape of the pydantic models in
 schemas/events.py (a test validates them against those models) and serialised with
@@ -22,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from eventlog.base import EventLog
-from gateway.audit.hooks import Addon
+from gateway.audit.hooks import Addon, AdminRequest
 from gateway.audit.redaction import args_sha256, redact
 from gateway.mcp.jsonrpc import id_text
 from schemas.events import SCHEMA_VERSION, uuid7
@@ -34,9 +38,107 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ledgergate.audit")
 
+MAX_SERVER_CHARS = 200  # the server name of a 401 comes from the path: attacker-chosen text
+MAX_MESSAGE_CHARS = 2000
+
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _text(value: str) -> str:
+    """Request text as valid UTF-8: paths and headers are decoded with surrogateescape, and
+    orjson refuses lone surrogates (one such request must not break the audit batch)."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _Bucket:
+    __slots__ = ("count", "first_ms", "last_ms", "window_end")
+
+    def __init__(self, window_end: float) -> None:
+        self.window_end = window_end
+        self.count = 0
+        self.first_ms = 0
+        self.last_ms = 0
+
+
+# (remote, server, reason, count, first_ms, last_ms, overflow)
+AuthSummary = tuple[str | None, str, str, int, int, int, bool]
+
+
+class AuthFailures:
+    """Auth failures summed per (remote, server, reason), bounded in time and memory.
+
+    The first failure of a key opens an interval and is reported at once (count 1); the
+    failures that follow within the interval are summed and reported by ``sweep`` when it
+    ends, which opens the next interval; a key with no failure in its interval is dropped.
+    So a key yields at most one event per interval, and the counts of its events add up
+    to its failures. At most ``max_keys`` keys are tracked: failures of further keys are
+    summed per reason into an overflow bucket (remote and server "*"), so memory and the
+    events per interval stay bounded whatever the attacker varies (addresses, paths).
+    ``now`` is monotonic seconds (windows), ``ts_ms`` wall-clock ms (what is reported).
+    """
+
+    def __init__(self, interval_s: float = 1.0, max_keys: int = 1024) -> None:
+        if interval_s <= 0 or max_keys <= 0:
+            raise ValueError("interval_s and max_keys must be > 0")
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._buckets: dict[tuple[str | None, str, str], _Bucket] = {}
+        self._overflow: dict[str, _Bucket] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets) + len(self._overflow)
+
+    def record(
+        self, remote: str | None, server: str, reason: str, now: float, ts_ms: int
+    ) -> AuthSummary | None:
+        """Count one failure; returns the summary to report now (a key's first failure)."""
+        server = server[:MAX_SERVER_CHARS]
+        key = (remote, server, reason)
+        b = self._buckets.get(key)
+        if b is None:
+            if len(self._buckets) < self.max_keys:
+                self._buckets[key] = _Bucket(now + self.interval_s)
+                return (remote, server, reason, 1, ts_ms, ts_ms, False)
+            b = self._overflow.get(reason)
+            if b is None:
+                self._overflow[reason] = _Bucket(now + self.interval_s)
+                return ("*", "*", reason, 1, ts_ms, ts_ms, True)
+        if b.count == 0:
+            b.first_ms = ts_ms
+        b.count += 1
+        b.last_ms = ts_ms
+        return None
+
+    def sweep(self, now: float) -> list[AuthSummary]:
+        """The summaries of the intervals that ended by ``now``."""
+        out: list[AuthSummary] = []
+        for table, overflow in ((self._buckets, False), (self._overflow, True)):
+            done = []
+            for key, b in table.items():
+                if b.window_end > now:
+                    continue
+                if b.count == 0:
+                    done.append(key)
+                    continue
+                if overflow:
+                    out.append(("*", "*", key, b.count, b.first_ms, b.last_ms, True))  # type: ignore[arg-type]
+                else:
+                    remote, server, reason = key  # type: ignore[misc]
+                    out.append((remote, server, reason, b.count, b.first_ms, b.last_ms, False))
+                b.count = 0
+                b.window_end = now + self.interval_s
+            for key in done:
+                del table[key]  # type: ignore[arg-type]
+        return out
+
+    def drain(self) -> list[AuthSummary]:
+        """Every pending sum, whatever its interval (shutdown); forgets every key."""
+        out = self.sweep(float("inf"))
+        self._buckets.clear()
+        self._overflow.clear()
+        return out
 
 
 class AuditAddon(Addon):
@@ -47,6 +149,8 @@ class AuditAddon(Addon):
         policies: PolicySet | None = None,
         flush_interval_s: float = 0.005,
         server_redact: dict[str, list[str]] | None = None,
+        auth_failure_interval_s: float = 1.0,
+        auth_failure_max_keys: int = 1024,
     ) -> None:
         self.log = eventlog
         self.instance = instance_id
@@ -56,6 +160,8 @@ class AuditAddon(Addon):
         self._pending: list[bytes] = []
         self._timer: asyncio.TimerHandle | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
+        self.auth_failures = AuthFailures(auth_failure_interval_s, auth_failure_max_keys)
+        self._sweep_timer: asyncio.TimerHandle | None = None
 
     def _base(self, kind: str) -> dict[str, Any]:
         return {
@@ -189,6 +295,82 @@ class AuditAddon(Addon):
         ev.update(server=server, path=path, policy_version=version, ok=error is None, error=error)
         self._queue(ev)
 
+    # ---- security events -------------------------------------------------------------------
+
+    def auth_failed(self, remote: str | None, server: str, reason: str) -> None:
+        summary = self.auth_failures.record(remote, server, reason, time.monotonic(), _now_ms())
+        if summary is not None:
+            self._queue(self.auth_event(summary))
+        if self._sweep_timer is None and self.auth_failures:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self._sweep_timer = loop.call_later(self.auth_failures.interval_s, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweep_timer = None
+        for summary in self.auth_failures.sweep(time.monotonic()):
+            self._queue(self.auth_event(summary))
+        if self.auth_failures:
+            self._sweep_timer = asyncio.get_running_loop().call_later(
+                self.auth_failures.interval_s, self._sweep
+            )
+
+    def auth_event(self, summary: AuthSummary) -> dict[str, Any]:
+        remote, server, reason, count, first_ms, last_ms, overflow = summary
+        ev = self._base("auth.failed")
+        ev.update(
+            remote=None if remote is None else _text(remote),
+            server=_text(server),
+            reason=reason,
+            count=count,
+            first_ts=first_ms,
+            last_ts=last_ms,
+            overflow=overflow,
+        )
+        return ev
+
+    def admin_request(self, request: AdminRequest) -> None:
+        ev = self.admin_event(request)
+        try:
+            orjson.dumps(ev)
+        except orjson.JSONEncodeError:  # e.g. a CLI argument that is not UTF-8
+            ev["params"] = {_text(str(k)): _text(str(v)) for k, v in (ev.get("params") or {}).items()}
+        self._queue(ev)
+
+    def admin_event(self, r: AdminRequest) -> dict[str, Any]:
+        if r.status is not None:
+            outcome = "ok" if r.status < 400 else "refused" if r.status < 500 else "error"
+        else:
+            outcome = "ok" if r.error is None else "error" if r.error == "store_unavailable" else "refused"
+        message = None if r.message is None else _text(r.message[:MAX_MESSAGE_CHARS])
+        common = {
+            "caller": r.caller,
+            "remote": r.remote,
+            "outcome": outcome,
+            "status": r.status,
+            "message": message,
+            "duration_ms": round((time.perf_counter() - r.started) * 1000, 3),
+        }
+        if r.action == "reload":
+            if outcome == "ok" and any(v is not None for v in (r.results or {}).values()):
+                outcome = common["outcome"] = "error"  # a policy file did not load
+            ev = self._base("admin.reload")
+            ev.update(results=r.results or {}, **common)
+            return ev
+        ev = self._base("admin.query")
+        ev.update(
+            question=r.action,
+            sql=None if r.sql is None else _text(r.sql),
+            params=r.params,
+            filters=None if r.filters is None else {_text(k): _text(v) for k, v in r.filters.items()},
+            error=r.error,
+            row_count=r.row_count,
+            **common,
+        )
+        return ev
+
     def _queue(self, ev: dict[str, Any]) -> None:
         self._pending.append(orjson.dumps(ev))
         if self._timer is None:
@@ -225,6 +407,11 @@ class AuditAddon(Addon):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
+        for summary in self.auth_failures.drain():
+            self._pending.append(orjson.dumps(self.auth_event(summary)))
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._pending:

@@ -34,6 +34,7 @@ import aiohttp
 import orjson
 
 from gateway.admin import classify_error
+from gateway.audit.hooks import AdminRequest
 from gateway.config import Config, ConfigError, load_config
 from schemas.events import Decision
 
@@ -282,13 +283,36 @@ async def ask_local(
             file=sys.stderr,
         )
     embedded = await _open(cfg)
+    record = AdminRequest(question, caller="local")
+    if question == "sql":
+        record.sql, record.params = params.get("sql"), params.get("params")
+    else:
+        record.filters = {k: str(v) for k, v in params.items()}
     try:
-        return await embedded.answer(question, params)
+        columns, rows = await embedded.answer(question, params)
+        record.row_count = len(rows)
+        return columns, rows
     except Exception as exc:
         status, kind = classify_error(exc)
+        record.error, record.message = kind, str(exc)
         raise CliError(2 if status < 500 else 3, f"{_LABEL[kind]}: {exc}") from None
     finally:
-        await embedded.close()
+        try:
+            await record_local(embedded, cfg, record)  # the auditors are audited, locally too
+        finally:
+            await embedded.close()
+
+
+async def record_local(embedded: Any, cfg: Config, record: AdminRequest) -> None:
+    """Append the admin.query event of a question answered on the store itself."""
+    from gateway.audit.writer import AuditAddon, instance_id
+
+    addon = AuditAddon(embedded.log, instance_id(cfg.gateway.instance_id))
+    addon.admin_request(record)
+    try:
+        await addon.close()
+    except Exception as exc:  # the answer stands; say the record is missing
+        print(f"warning: the question could not be recorded in the audit log: {exc}", file=sys.stderr)
 
 
 async def _open(cfg: Config) -> Any:

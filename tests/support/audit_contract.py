@@ -329,16 +329,17 @@ class AuditStoreContract:
 
     async def test_denials(self, loaded: AuditStore) -> None:
         cols, rows = await forensics.denials(loaded)
-        assert cols == ["agent", "tool", "rule", "count", "first", "last"]
+        # remote and reason are for failed authentication (auth.failed): empty for call refusals
+        assert cols == ["agent", "tool", "rule", "count", "first", "last", "remote", "reason"]
         assert rows == [
-            ("agent-b", "open_session", RULE_LIMIT, 2, at(30), at(70)),
-            ("agent-b", "delete_chat", "/default", 1, at(90), at(90)),
-            (QUOTED_AGENT, "open_session", "/default", 1, at(130), at(130)),
+            ("agent-b", "open_session", RULE_LIMIT, 2, at(30), at(70), "", ""),
+            ("agent-b", "delete_chat", "/default", 1, at(90), at(90), "", ""),
+            (QUOTED_AGENT, "open_session", "/default", 1, at(130), at(130), "", ""),
         ]
         _, rows = await forensics.denials(loaded, since=at(60), agent="agent-b")
         assert rows == [
-            ("agent-b", "delete_chat", "/default", 1, at(90), at(90)),
-            ("agent-b", "open_session", RULE_LIMIT, 1, at(70), at(70)),
+            ("agent-b", "delete_chat", "/default", 1, at(90), at(90), "", ""),
+            ("agent-b", "open_session", RULE_LIMIT, 1, at(70), at(70), "", ""),
         ]
 
     async def test_params_with_quotes_are_never_sql(self, loaded: AuditStore) -> None:
