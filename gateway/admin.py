@@ -8,8 +8,9 @@ token gets 401 with ``WWW-Authenticate: Bearer``):
 - ``POST /admin/policies/reload`` (only when a ``reload`` callable is given)
 
 Audit answers are ``{"columns": [...], "rows": [[...], ...]}``; datetimes are ISO 8601
-strings (orjson's form, e.g. ``2025-01-06T10:00:00+00:00``). Errors are
-``{"error": <kind>, "message": <text>}``.
+strings (orjson's form, e.g. ``2025-01-06T10:00:00+00:00``). When a limit cut the answer
+(``[store] query_max_rows`` / ``query_max_bytes``) it also has ``"truncated": true`` and
+``"note": <text>``. Errors are ``{"error": <kind>, "message": <text>}``.
 
 The gateway does not import ``consumers`` (dependency rule), so this module relies on a
 contract with the ``answer`` callable (``ledgergate.embedded.Embedded.answer``):
@@ -19,6 +20,7 @@ contract with the ``answer`` callable (``ledgergate.embedded.Embedded.answer``):
   those given); for ``sql`` it is ``{"sql": str, "params": dict}``.
 - it raises ``ValueError`` for bad input (an unparsable ``since``, a missing ``tool``,
   a bad ``limit``, ...)                                           -> 400 ``bad_request``
+- the rows it returns may carry a ``note`` attribute (a str): the answer is incomplete
 - it raises ``PermissionError`` for SQL the read-only store refused (an exception whose
   class, or a base class, is named ``ReadOnlyError`` is treated the same) -> 400 ``read_only``
 - a store error (class named ``StoreError``) carrying a ClickHouse code that blames the
@@ -30,6 +32,7 @@ contract with the ``answer`` callable (``ledgergate.embedded.Embedded.answer``):
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -90,6 +93,11 @@ QUERY_ERRORS = frozenset(
         "UNSUPPORTED_METHOD",
         "NOT_IMPLEMENTED",
         "EMPTY_QUERY",
+        # a forensic query over its [store] query_* limits
+        "TIMEOUT_EXCEEDED",
+        "TOO_MANY_ROWS_OR_BYTES",
+        "MEMORY_LIMIT_EXCEEDED",
+        "QUERY_WAS_CANCELLED",
     }
 )
 _CH_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
@@ -118,15 +126,19 @@ def _default(value: Any) -> Any:
 
 
 def answer_json(columns: list[str], rows: list[tuple[Any, ...]]) -> bytes:
-    """``{"columns": [...], "rows": [[...], ...]}`` (datetimes as ISO strings)."""
-    doc = {"columns": list(columns), "rows": rows}
+    """``{"columns": [...], "rows": [[...], ...]}`` (datetimes as ISO strings), plus
+    ``"truncated": true, "note": ...`` when the rows carry a note."""
+    doc: dict[str, Any] = {"columns": list(columns), "rows": rows}
+    note = getattr(rows, "note", None)
+    if note:
+        doc.update(truncated=True, note=str(note))
     try:
         return orjson.dumps(doc, default=_default, option=orjson.OPT_NAIVE_UTC)
     except orjson.JSONEncodeError:  # e.g. (U)Int128/256 beyond 64 bits: send big ints as text
-        fixed = [
+        doc["rows"] = [
             [str(v) if isinstance(v, int) and not -(2**63) <= v < 2**64 else v for v in row] for row in rows
         ]
-        return orjson.dumps({"columns": list(columns), "rows": fixed}, default=_default)
+        return orjson.dumps(doc, default=_default)
 
 
 def _json(status: int, doc: Any, headers: dict[str, str] | None = None) -> Response:
@@ -161,7 +173,13 @@ def add_admin_routes(
             if status >= 500:
                 log.error("admin %s failed: %s: %s", question, type(exc).__name__, exc, exc_info=exc)
             return _error(status, kind, str(exc) or type(exc).__name__)
-        return Response(body=answer_json(columns, rows), content_type="application/json")
+        # a big answer takes a while to encode: off the event loop, agents' calls go on
+        body = (
+            await asyncio.to_thread(answer_json, columns, rows)
+            if len(rows) > 1000
+            else answer_json(columns, rows)
+        )
+        return Response(body=body, content_type="application/json")
 
     async def audit(req: Request) -> Response:
         if not authorized(req):

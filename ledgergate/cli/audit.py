@@ -228,7 +228,11 @@ async def ask_gateway(
     except orjson.JSONDecodeError:
         doc = None
     if status == 200 and isinstance(doc, dict) and "columns" in doc and "rows" in doc:
-        return list(doc["columns"]), [tuple(_revive(v) for v in row) for row in doc["rows"]]
+        from consumers.store.base import Rows
+
+        rows = Rows(tuple(_revive(v) for v in row) for row in doc["rows"])
+        rows.note = doc.get("note") if doc.get("truncated") else None
+        return list(doc["columns"]), rows
     message = doc.get("message") if isinstance(doc, dict) else None
     kind = doc.get("error") if isinstance(doc, dict) else None
     if status == 401:
@@ -305,6 +309,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     render(columns, rows, args.format)
+    if getattr(rows, "note", None):  # a limit cut the answer: say so (stderr keeps json/csv clean)
+        print(f"note: {rows.note}", file=sys.stderr)
     return 0
 
 
