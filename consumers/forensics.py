@@ -3,7 +3,9 @@
 The SQL is fixed text; filters add fixed conditions whose values travel as server-side
 parameters (``{name:Type}``), never spliced into SQL. Audit tables are read with FINAL,
 so duplicates from at-least-once delivery or a replay never show up in an answer.
-``sql()`` runs arbitrary user SQL under ClickHouse's ``readonly=1``.
+``sql()`` runs user-written SQL through ``AuditStore.forensic_query``: checked on the
+engine's own parse tree (``consumers.sqlguard``), then run under ``readonly=1`` and the
+``[store] query_*`` limits.
 """
 
 from __future__ import annotations
@@ -202,9 +204,11 @@ async def denials(
 
 
 async def sql(store: AuditStore, text: str, params: Mapping[str, Any] | None = None) -> Answer:
-    """Arbitrary read-only SQL with ``{name:Type}`` parameters, run under readonly=1.
-    Raises ReadOnlyError for anything that writes (INSERT, DROP, ALTER, ...)."""
-    return await store.query(text, params or {}, readonly=True)
+    """User-written SQL with ``{name:Type}`` parameters: one SELECT over ledgergate's tables.
+    Raises ReadOnlyError for anything else (writes, DDL, table functions such as file() or
+    url(), other databases, SETTINGS / FORMAT / INTO OUTFILE). ``rows.note`` says when a
+    limit cut the answer."""
+    return await store.forensic_query(text, params or {})
 
 
 def _cell(value: Any) -> str:

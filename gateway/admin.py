@@ -9,9 +9,10 @@ token gets 401 with ``WWW-Authenticate: Bearer``):
   null | error}``, 200 when every policy loaded, 422 when one failed (it keeps its old policy)
 
 Audit answers are ``{"columns": [...], "rows": [[...], ...]}``; datetimes are ISO 8601
-strings (orjson's form, e.g. ``2025-01-06T10:00:00+00:00``), and ``"lag": {"events": n,
-"seconds": s}`` when the tables are behind the event log (absent when caught up). Errors are
-``{"error": <kind>, "message": <text>}``.
+strings (orjson's form, e.g. ``2025-01-06T10:00:00+00:00``), ``"lag": {"events": n,
+"seconds": s}`` when the tables are behind the event log (absent when caught up), and
+``"truncated": true, "note": <text>`` when a limit (``[store] query_max_rows`` /
+``query_max_bytes``) cut the answer. Errors are ``{"error": <kind>, "message": <text>}``.
 
 The gateway does not import ``consumers`` (dependency rule), so this module relies on a
 contract with the ``answer`` callable (``ledgergate.embedded.Embedded.answer``):
@@ -21,6 +22,7 @@ contract with the ``answer`` callable (``ledgergate.embedded.Embedded.answer``):
   those given); for ``sql`` it is ``{"sql": str, "params": dict}``.
 - it raises ``ValueError`` for bad input (an unparsable ``since``, a missing ``tool``,
   a bad ``limit``, ...)                                           -> 400 ``bad_request``
+- the rows it returns may carry a ``note`` attribute (a str): the answer is incomplete
 - it raises ``PermissionError`` for SQL the read-only store refused (an exception whose
   class, or a base class, is named ``ReadOnlyError`` is treated the same) -> 400 ``read_only``
 - a store error (class named ``StoreError``) carrying a ClickHouse code that blames the
@@ -38,6 +40,7 @@ handlers are wrapped from outside (``_audited``), so they stay as they are.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import functools
@@ -104,6 +107,11 @@ QUERY_ERRORS = frozenset(
         "UNSUPPORTED_METHOD",
         "NOT_IMPLEMENTED",
         "EMPTY_QUERY",
+        # a forensic query over its [store] query_* limits
+        "TIMEOUT_EXCEEDED",
+        "TOO_MANY_ROWS_OR_BYTES",
+        "MEMORY_LIMIT_EXCEEDED",
+        "QUERY_WAS_CANCELLED",
     }
 )
 _CH_NAME = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
@@ -133,14 +141,18 @@ def _default(value: Any) -> Any:
 
 def answer_json(columns: list[str], rows: list[tuple[Any, ...]], lag: dict[str, Any] | None = None) -> bytes:
     """``{"columns": [...], "rows": [[...], ...]}`` (datetimes as ISO strings), plus
-    ``"lag": {"events": n, "seconds": s}`` when the tables are behind the event log."""
+    ``"lag": {"events": n, "seconds": s}`` when the tables are behind the event log and
+    ``"truncated": true, "note": ...`` when the rows carry a note (a limit cut them)."""
     doc: dict[str, Any] = {"columns": list(columns), "rows": rows}
     if lag is not None:
         doc["lag"] = lag
+    note = getattr(rows, "note", None)
+    if note:
+        doc.update(truncated=True, note=str(note))
     try:
         return orjson.dumps(doc, default=_default, option=orjson.OPT_NAIVE_UTC)
     except orjson.JSONEncodeError:  # e.g. (U)Int128/256 beyond 64 bits: send big ints as text
-        fixed = [
+        doc["rows"] = [
             [str(v) if isinstance(v, int) and not -(2**63) <= v < 2**64 else v for v in row] for row in rows
         ]
         return orjson.dumps({**doc, "rows": fixed}, default=_default)
@@ -249,10 +261,14 @@ def add_admin_routes(
                 log.error("admin %s failed: %s: %s", question, type(exc).__name__, exc, exc_info=exc)
             return _error(status, kind, str(exc) or type(exc).__name__)
         lag = getattr(result, "lag", None)  # tables behind the log: {"events": n, "seconds": s}
-        return Response(
-            body=answer_json(columns, rows, lag.as_json() if lag is not None else None),
-            content_type="application/json",
+        lag_doc = lag.as_json() if lag is not None else None
+        # a big answer takes a while to encode: off the event loop, agents' calls go on
+        body = (
+            await asyncio.to_thread(answer_json, columns, rows, lag_doc)
+            if len(rows) > 1000
+            else answer_json(columns, rows, lag_doc)
         )
+        return Response(body=body, content_type="application/json")
 
     async def audit(req: Request) -> Response:
         if not authorized(req):

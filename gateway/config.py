@@ -154,6 +154,11 @@ class EventlogSection(_Section):
 
 class StoreSection(_Section):
     clickhouse: str = "embedded"
+    # limits on each forensic query (POST /admin/audit/sql, `ledgergate audit sql`)
+    query_timeout_s: float = Field(30.0, gt=0, description="max_execution_time of a forensic query")
+    query_max_rows: int = Field(100_000, gt=0, description="rows beyond are cut; the answer says so")
+    query_max_bytes: int = Field(64 << 20, gt=0, description="max_result_bytes of a forensic query")
+    query_max_memory: int = Field(1 << 30, gt=0, description="max_memory_usage of a forensic query")
 
 
 class Config(_Section):

@@ -23,6 +23,7 @@ from consumers.audit import AuditConsumer
 from consumers.counters import CountersConsumer
 from consumers.runner import supervise
 from consumers.store import AuditStore, ReadOnlyError, open_store
+from consumers.store.base import QueryLimits
 from eventlog import open_log
 from eventlog.base import EventLog
 from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
@@ -66,7 +67,7 @@ class Embedded:
                 lock.close()
             raise
         try:
-            store = await open_store(cfg.store.clickhouse, data_dir)
+            store = await open_store(cfg.store.clickhouse, data_dir, query_limits(cfg))
         except BaseException:
             await eventlog.close()
             if lock is not None:
@@ -211,6 +212,11 @@ class Embedded:
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
+
+
+def query_limits(cfg: Config) -> QueryLimits:
+    s = cfg.store
+    return QueryLimits(s.query_timeout_s, s.query_max_rows, s.query_max_bytes, s.query_max_memory)
 
 
 class DataDirBusy(RuntimeError):

@@ -209,8 +209,13 @@ async def test_sql_read_only_violation_is_400(client: ClientSession, text: str) 
 
 
 async def test_sql_errors_of_the_query_are_400(client: ClientSession) -> None:
+    doc = await post_sql(client, {"sql": "SELECT no_such_column FROM audit_calls"}, status=400)
+    assert doc["error"] == "query_error" and "no_such_column" in doc["message"]
+    doc = await post_sql(client, {"sql": "SELECT * FROM audit_calls WHERE"}, status=400)
+    assert doc["error"] == "query_error" and "Syntax error" in doc["message"]
+    # a table that is not one of ledgergate's is refused before it is looked up
     doc = await post_sql(client, {"sql": "SELECT * FROM no_such_table"}, status=400)
-    assert doc["error"] == "query_error" and "no_such_table" in doc["message"]
+    assert doc["error"] == "read_only" and "no_such_table" in doc["message"]
     doc = await post_sql(client, {"sql": "SELECT {x:UInt8} AS x"}, status=400)
     assert doc["error"] == "query_error" and "x" in doc["message"]
     for body in (

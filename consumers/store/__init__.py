@@ -7,16 +7,25 @@ from pathlib import Path
 
 from consumers.store.base import (
     AuditStore,
+    QueryLimits,
     ReadOnlyError,
     StoreError,
     equal_filters,
     is_readonly_refusal,
 )
 
-__all__ = ["AuditStore", "ReadOnlyError", "StoreError", "equal_filters", "is_readonly_refusal", "open_store"]
+__all__ = [
+    "AuditStore",
+    "QueryLimits",
+    "ReadOnlyError",
+    "StoreError",
+    "equal_filters",
+    "is_readonly_refusal",
+    "open_store",
+]
 
 
-async def open_store(spec: str, data_dir: Path | str) -> AuditStore:
+async def open_store(spec: str, data_dir: Path | str, limits: QueryLimits | None = None) -> AuditStore:
     """Open (and create the schema of) the store named by ``spec``.
 
     ``"embedded"`` (or ``""``): chDB persisted in ``data_dir/"clickhouse"``.
@@ -34,6 +43,8 @@ async def open_store(spec: str, data_dir: Path | str) -> AuditStore:
         store = HttpStore(spec)
     else:
         raise ValueError(f"store spec must be 'embedded' or an http(s) URL, not {spec!r}")
+    if limits is not None:
+        store.limits = limits
     try:
         await store.open()
         await store.ensure_schema()

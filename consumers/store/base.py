@@ -20,6 +20,7 @@ import asyncio
 import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from importlib import resources
 from typing import Any, TypeVar
@@ -39,6 +40,50 @@ class StoreError(RuntimeError):
 
 class ReadOnlyError(StoreError):
     """A read-only query tried to write, change settings, or run several statements."""
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """Limits on every forensic (user-written) query; ``[store] query_*`` in the config."""
+
+    timeout_s: float = 30.0  # max_execution_time
+    max_rows: int = 100_000  # rows beyond are cut and the answer says so
+    max_bytes: int = 64 << 20  # max_result_bytes (the engine stops reading there)
+    max_memory: int = 1 << 30  # max_memory_usage per query
+
+    def settings(self) -> dict[str, Any]:
+        """ClickHouse settings enforcing the limits. ``result_overflow_mode='break'`` makes
+        the engine stop at the limit and return what it has (whole blocks, so it may give a
+        few more rows than asked: one extra row is asked for, and ``cut`` trims and notes)."""
+        return {
+            "max_execution_time": max(1, round(self.timeout_s)),
+            "max_result_rows": self.max_rows + 1,
+            "max_result_bytes": self.max_bytes,
+            "result_overflow_mode": "break",
+            "max_memory_usage": self.max_memory,
+        }
+
+
+class Rows(list[tuple[Any, ...]]):
+    """Answer rows; ``note`` says when they are not the whole answer (a limit cut them)."""
+
+    note: str | None = None
+
+
+def cut(rows: list[tuple[Any, ...]], limits: QueryLimits, over_bytes: bool = False) -> Rows:
+    """The first ``max_rows`` rows, with a note when a limit cut the answer."""
+    out = Rows(rows[: limits.max_rows])
+    if len(rows) > limits.max_rows:
+        out.note = (
+            f"truncated: only the first {limits.max_rows} rows ([store] query_max_rows); "
+            "add LIMIT / WHERE / GROUP BY to narrow the query"
+        )
+    elif over_bytes:
+        out.note = (
+            f"truncated: the answer reached {limits.max_bytes} bytes ([store] query_max_bytes); "
+            "select fewer or shorter columns, or fewer rows"
+        )
+    return out
 
 
 def check_identifier(name: str) -> str:
@@ -134,6 +179,7 @@ class AuditStore(abc.ABC):
     kind: str = ""
     # the backend's blocking client runs on these threads, never on the event loop
     _executor: ThreadPoolExecutor | None = None
+    limits: QueryLimits = QueryLimits()
 
     async def _call(self, fn: Callable[[], T]) -> T:
         if self._executor is None:
@@ -171,10 +217,15 @@ class AuditStore(abc.ABC):
     ) -> Answer:
         """Run one SELECT with server-side ``{name:Type}`` parameters.
 
-        readonly=True runs it under ClickHouse's ``readonly=1`` setting (writes, DDL,
-        settings changes and table functions are refused by the engine) and raises
-        ReadOnlyError when refused.
+        readonly=True is ``forensic_query`` (user-written SQL).
         """
+
+    @abc.abstractmethod
+    async def forensic_query(self, sql: str, params: Mapping[str, Any] | None = None) -> Answer:
+        """Run user-written SQL: parsed by the engine and checked by ``consumers.sqlguard``
+        (one SELECT over ledgergate's tables, no table functions that reach files, network,
+        processes or other databases), then run under ``readonly=1`` and ``self.limits``.
+        Raises ReadOnlyError when refused. Cancelling the awaiting task kills the query."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -11,8 +11,10 @@ counters consumers and the forensic API can all use the same instance).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime
@@ -22,12 +24,14 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from consumers import sqlguard
 from consumers.store.base import (
     Answer,
     AuditStore,
     ReadOnlyError,
     StoreError,
     check_identifier,
+    cut,
     is_readonly_refusal,
     param_text,
 )
@@ -88,6 +92,14 @@ class ChdbStore(AuditStore):
         self._conn: Any = None
         self._executor: ThreadPoolExecutor | None = None
         self._thread_ident: int | None = None
+        # Forensic (user-written) SQL runs on its own chDB connection and thread, so a slow
+        # or huge query never holds the consumers' inserts; that connection is readonly=1
+        # with the query limits set for its whole session.
+        self._fexecutor: ThreadPoolExecutor | None = None
+        self._fconn: Any = None
+        self._catalog: sqlguard.Catalog | None = None
+        self._flimits: Any = None
+        self._fkilled = False
 
     def __repr__(self) -> str:
         return f"ChdbStore({str(self.path)!r})"
@@ -116,6 +128,17 @@ class ChdbStore(AuditStore):
             raise StoreError(f"cannot open chDB store at {self.path}: {e}") from e
 
     async def close(self) -> None:
+        fexecutor, self._fexecutor = self._fexecutor, None
+        if fexecutor is not None:
+
+            def fdisconnect() -> None:
+                conn, self._fconn = self._fconn, None
+                if conn is not None:
+                    conn.close()
+
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(fexecutor, fdisconnect)
+            fexecutor.shutdown(wait=True)
         executor, self._executor = self._executor, None
         if executor is None:
             return
@@ -173,60 +196,183 @@ class ChdbStore(AuditStore):
 
     # ---- reads ---------------------------------------------------------------------
 
-    def _classify(self, sql: str) -> dict[str, Any]:
-        raw = getattr(self._conn, "_conn", self._conn)  # chdb.Connection wraps the C object
-        return dict(raw.classify_query(sql))
-
-    def _readonly_sql(self, sql: str) -> str:
-        """One read-only statement, then run under ``SETTINGS readonly = 1``.
-
-        chDB (unlike the HTTP server) executes several ``;``-separated statements in one
-        call, so the statement is classified by ClickHouse's own parser first (one
-        statement, class READ_ONLY); the engine then enforces readonly=1 on it.
-        """
-        body = sql.strip()
-        while body.endswith(";"):
-            body = body[:-1].rstrip()
-        info = self._classify(body)
-        count = info.get("statement_count", 0)
-        qclass = getattr(info.get("query_class"), "name", str(info.get("query_class")))
-        if count != 1:
-            raise ReadOnlyError(
-                "read-only query refused: expected exactly one SQL statement"
-                + (" (it does not parse)" if count == 0 else f", got {count}")
-            )
-        if qclass != "READ_ONLY":
-            raise ReadOnlyError(
-                f"read-only query refused: the statement is {qclass}, only reads are allowed "
-                "(SELECT, WITH, SHOW, DESCRIBE, EXPLAIN, EXISTS)"
-            )
-        guarded = f"{body}\nSETTINGS readonly = 1"
-        info = self._classify(guarded)
-        if info.get("statement_count") != 1:
-            raise ReadOnlyError("read-only query refused: cannot apply readonly=1 to this statement")
-        return guarded
-
     async def query(
         self, sql: str, params: Mapping[str, Any] | None = None, *, readonly: bool = False
     ) -> Answer:
+        if readonly:
+            return await self.forensic_query(sql, params)
+
         def q() -> Answer:
-            text = self._readonly_sql(sql) if readonly else sql
-            res = self._run(text, params, "JSONCompact")
-            raw = res.bytes() if hasattr(res, "bytes") else bytes(res)
-            if not raw.strip():
-                return [], []
-            try:
-                doc = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise StoreError("query answer is not JSON (no FORMAT clause, please)") from None
-            meta = doc.get("meta", [])
-            columns = [m["name"] for m in meta]
-            convs = [(i, c) for i, m in enumerate(meta) if (c := _converter(m["type"])) is not None]
-            rows = []
-            for r in doc.get("data", []):
-                for i, c in convs:
-                    r[i] = c(r[i])
-                rows.append(tuple(r))
-            return columns, rows
+            res = self._run(sql, params, "JSONCompact")
+            return _decode(res.bytes() if hasattr(res, "bytes") else bytes(res))
 
         return await self._call(q)
+
+    # ---- forensic (user-written) SQL -----------------------------------------------
+
+    def _forensic_conn(self) -> Any:
+        """The forensic connection (forensic thread only): the function catalog is read
+        first, then the session gets the limits and, last, readonly=1 (which freezes them)."""
+        if self._fconn is not None and self._flimits == self.limits and not self._fkilled:
+            return self._fconn
+        # the limits changed (they are frozen in the old session), or a query of this
+        # connection was killed: chDB then fails the connection's next query, so start afresh
+        self._fkilled = False
+        if self._fconn is not None:
+            self._fconn.close()
+            self._fconn = None
+        import chdb
+
+        conn = chdb.connect(f"file:{self.path}")
+        try:
+            for stmt in _SESSION_SETTINGS:
+                conn.query(stmt)
+            db = _decode(conn.query("SELECT currentDatabase()", "JSONCompact").bytes())[1][0][0]
+            funcs = _decode(
+                conn.query(
+                    "SELECT name, case_insensitive, alias_to, categories, is_aggregate FROM system.functions",
+                    "JSONCompact",
+                ).bytes()
+            )[1]
+            combs = _decode(
+                conn.query("SELECT name FROM system.aggregate_function_combinators", "JSONCompact").bytes()
+            )[1]
+            self._catalog = sqlguard.Catalog.from_rows(db, funcs, [c[0] for c in combs])
+            for name, value in self.limits.settings().items():
+                conn.query(f"SET {name} = {value!r}" if isinstance(value, str) else f"SET {name} = {value}")
+            conn.query("SET readonly = 1")
+        except Exception:
+            conn.close()
+            raise
+        self._fconn, self._flimits = conn, self.limits
+        return conn
+
+    def _forensic(self, text: str, params: Mapping[str, Any] | None) -> Answer:
+        conn = self._forensic_conn()
+        assert self._catalog is not None
+        try:
+            raw = conn.query(
+                "SELECT parseQueryToJSON({q:String})", "TSVRaw", params={"q": escape_param(text)}
+            )
+        except Exception as e:
+            raise sqlguard.parse_failure(str(e)) from None
+        try:
+            tree = orjson.loads(raw.bytes())
+        except orjson.JSONDecodeError:
+            raise ReadOnlyError(
+                "read-only query refused: the query does not parse to one statement"
+            ) from None
+        sqlguard.check(tree, self._catalog)
+        # second, independent opinion of the same parser: one statement, class READ_ONLY
+        info = dict(getattr(conn, "_conn", conn).classify_query(text))
+        qclass = getattr(info.get("query_class"), "name", str(info.get("query_class")))
+        if info.get("statement_count") != 1 or qclass != "READ_ONLY":
+            raise ReadOnlyError(f"read-only query refused: one read-only statement expected ({qclass})")
+        escaped = {k: escape_param(param_text(v)) for k, v in (params or {}).items()}
+        # Streamed block by block and stopped at the byte limit: the engine's
+        # max_result_bytes counts blocks before the SELECT list is computed, so
+        # repeat('x', 1000) FROM numbers(1e6) would otherwise hand over 1 GB.
+        chunks: list[bytes] = []
+        size = lines = 0
+        over_bytes = False
+        try:
+            stream = conn.send_query(text, "JSONCompactEachRowWithNamesAndTypes", params=escaped)
+            for chunk in stream:
+                data = chunk.bytes()
+                chunks.append(data)
+                size += len(data)
+                lines += data.count(b"\n")
+                if size > self.limits.max_bytes or lines > self.limits.max_rows + 2:
+                    over_bytes = size > self.limits.max_bytes
+                    stream.cancel()
+                    break
+        except Exception as e:
+            msg = str(e)
+            if is_readonly_refusal(msg):
+                raise ReadOnlyError(f"read-only query refused by ClickHouse: {msg}") from None
+            raise StoreError(msg) from None
+        columns, rows = _decode_each_row(b"".join(chunks), self.limits.max_bytes if over_bytes else None)
+        return columns, cut(rows, self.limits, over_bytes)
+
+    def _kill(self, marker: str) -> None:
+        self._fkilled = True
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.query(
+                    "KILL QUERY WHERE startsWith(query, {m:String}) ASYNC", "CSV", params={"m": marker}
+                )
+
+    async def forensic_query(self, sql: str, params: Mapping[str, Any] | None = None) -> Answer:
+        if self._executor is None:
+            raise StoreError("store is not open")
+        if self._fexecutor is None:
+            self._fexecutor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chdb-forensic")
+        # The marker names this query in system.processes, so it can be killed from the
+        # consumers' connection: a chDB call cannot be interrupted from another thread.
+        marker = f"/* ledgergate forensic {uuid.uuid4().hex} */"
+        text = sql.strip()
+        while text.endswith(";"):
+            text = text[:-1].rstrip()
+        text = f"{marker}\n{text}"
+        fut = asyncio.get_running_loop().run_in_executor(self._fexecutor, self._forensic, text, params)
+        fut.add_done_callback(_retrieve)
+        try:
+            # the engine stops at max_execution_time; this is the safety net behind it
+            return await asyncio.wait_for(asyncio.shield(fut), self.limits.timeout_s + 10)
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            # the client went away (or the engine overran): kill the query, do not wait for it
+            self._executor.submit(self._kill, marker)
+            if isinstance(exc, TimeoutError):
+                raise StoreError(
+                    f"forensic query exceeded {self.limits.timeout_s} s ([store] query_timeout_s) "
+                    "(TIMEOUT_EXCEEDED)"
+                ) from None
+            raise
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """A cancelled caller leaves the future behind: read its error so none is logged."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _decode_each_row(raw: bytes, max_bytes: int | None) -> Answer:
+    """JSONCompactEachRowWithNamesAndTypes -> (columns, rows); with ``max_bytes`` only the
+    rows that fit in it (the last, partial chunk line included or not as a whole)."""
+    out = raw.split(b"\n")
+    if len(out) < 2:
+        return [], []
+    columns = orjson.loads(out[0])
+    types = orjson.loads(out[1])
+    convs = [(i, c) for i, t in enumerate(types) if (c := _converter(t)) is not None]
+    rows = []
+    used = len(out[0]) + len(out[1])
+    for line in out[2:]:
+        if not line:
+            continue
+        used += len(line) + 1
+        if max_bytes is not None and used > max_bytes:
+            break
+        r = orjson.loads(line)
+        for i, c in convs:
+            r[i] = c(r[i])
+        rows.append(tuple(r))
+    return columns, rows
+
+
+def _decode(raw: bytes) -> Answer:
+    if not raw.strip():
+        return [], []
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise StoreError("query answer is not JSON (no FORMAT clause, please)") from None
+    meta = doc.get("meta", [])
+    columns = [m["name"] for m in meta]
+    convs = [(i, c) for i, m in enumerate(meta) if (c := _converter(m["type"])) is not None]
+    rows = []
+    for r in doc.get("data", []):
+        for i, c in convs:
+            r[i] = c(r[i])
+        rows.append(tuple(r))
+    return columns, rows

@@ -9,18 +9,23 @@ session id is used, so concurrent calls are fine. Parameters are bound server-si
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import orjson
+
+from consumers import sqlguard
 from consumers.store.base import (
     Answer,
     AuditStore,
     ReadOnlyError,
     StoreError,
     check_identifier,
+    cut,
     is_readonly_refusal,
     normalize_value,
     param_text,
@@ -49,6 +54,7 @@ class HttpStore(AuditStore):
         self._timeout = send_receive_timeout
         self._client: Any = None
         self._executor: ThreadPoolExecutor | None = None
+        self._catalog: sqlguard.Catalog | None = None
 
     def __repr__(self) -> str:
         u = urlsplit(self.url)
@@ -134,17 +140,93 @@ class HttpStore(AuditStore):
     async def query(
         self, sql: str, params: Mapping[str, Any] | None = None, *, readonly: bool = False
     ) -> Answer:
+        if readonly:
+            return await self.forensic_query(sql, params)
+
         def run() -> Answer:
             try:
-                res = self._client.query(
-                    sql,
-                    parameters=self._params(params),
-                    settings={"readonly": 1} if readonly else None,
-                )
+                res = self._client.query(sql, parameters=self._params(params))
             except Exception as e:
-                raise self._error(e, readonly) from None
+                raise self._error(e) from None
             columns = list(res.column_names)
             rows = [tuple(_plain(v) for v in row) for row in res.result_rows]
             return columns, rows
 
         return await self._call(run)
+
+    # ---- forensic (user-written) SQL -----------------------------------------------
+    #
+    # The server path relies on: the parse check of consumers.sqlguard on the server's own
+    # parser (parseQueryToJSON, ClickHouse >= 25.x; without it every forensic query is
+    # refused), readonly=1 and the limits sent with each query, and the configured user's
+    # grants. Give the gateway a ClickHouse user limited to the audit database for defence
+    # in depth (README "Security and limits"); the tests' server has only passwordless
+    # "default".
+
+    def _load_catalog(self) -> sqlguard.Catalog:
+        if self._catalog is None:
+            ro = {"readonly": 1}
+            db = self._client.query("SELECT currentDatabase()", settings=ro).result_rows[0][0]
+            funcs = self._client.query(
+                "SELECT name, case_insensitive, alias_to, categories, is_aggregate FROM system.functions",
+                settings=ro,
+            ).result_rows
+            combs = self._client.query(
+                "SELECT name FROM system.aggregate_function_combinators", settings=ro
+            ).result_rows
+            self._catalog = sqlguard.Catalog.from_rows(str(db), funcs, [str(c[0]) for c in combs])
+        return self._catalog
+
+    def _forensic(self, text: str, params: Mapping[str, Any] | None, query_id: str) -> Answer:
+        try:
+            catalog = self._load_catalog()
+            res = self._client.query(
+                "SELECT parseQueryToJSON({q:String})", parameters={"q": text}, settings={"readonly": 1}
+            )
+        except Exception as e:
+            msg = str(e)
+            if "UNKNOWN_FUNCTION" in msg and "parseQueryToJSON" in msg:
+                raise ReadOnlyError(
+                    "read-only query refused: this ClickHouse server cannot parse queries for checking "
+                    "(no parseQueryToJSON function; upgrade the server)"
+                ) from None
+            raise sqlguard.parse_failure(msg) from None
+        tree = orjson.loads(res.result_rows[0][0])
+        sqlguard.check(tree, catalog)
+        settings = {"readonly": 1, **self.limits.settings(), "query_id": query_id}
+        try:
+            res = self._client.query(text, parameters=self._params(params), settings=settings)
+        except Exception as e:
+            raise self._error(e, True) from None
+        columns = list(res.column_names)
+        rows = [tuple(_plain(v) for v in row) for row in res.result_rows]
+        return columns, cut(rows, self.limits)
+
+    def _kill(self, query_id: str) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.command(
+                    "KILL QUERY WHERE query_id = {q:String} ASYNC", parameters={"q": query_id}
+                )
+
+    async def forensic_query(self, sql: str, params: Mapping[str, Any] | None = None) -> Answer:
+        if self._executor is None:
+            raise StoreError("store is not open")
+        query_id = f"ledgergate-forensic-{uuid.uuid4().hex}"
+        text = sql.strip()
+        while text.endswith(";"):
+            text = text[:-1].rstrip()
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._forensic, text, params, query_id
+        )
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # none left unread
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.limits.timeout_s + 10)
+        except (asyncio.CancelledError, TimeoutError) as exc:
+            self._executor.submit(self._kill, query_id)  # the client went away: stop the server's work
+            if isinstance(exc, TimeoutError):
+                raise StoreError(
+                    f"forensic query exceeded {self.limits.timeout_s} s ([store] query_timeout_s) "
+                    "(TIMEOUT_EXCEEDED)"
+                ) from None
+            raise

@@ -253,10 +253,14 @@ async def ask_gateway(
     except orjson.JSONDecodeError:
         doc = None
     if status == 200 and isinstance(doc, dict) and "columns" in doc and "rows" in doc:
+        from consumers.store.base import Rows
+
         lag = doc.get("lag")
+        rows = Rows(tuple(_revive(v) for v in row) for row in doc["rows"])
+        rows.note = doc.get("note") if doc.get("truncated") else None
         return LaggedAnswer(
             list(doc["columns"]),
-            [tuple(_revive(v) for v in row) for row in doc["rows"]],
+            rows,
             Lag(int(lag["events"]), float(lag["seconds"])) if isinstance(lag, dict) else None,
         )
     message = doc.get("message") if isinstance(doc, dict) else None
@@ -360,12 +364,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     columns, rows = answer
+    note = getattr(rows, "note", None)
     if question == "calls" and args.format == "table" and not args.wide:
         columns, rows = narrow_calls(columns, rows)
     render(columns, rows, args.format, wide=getattr(args, "wide", False))
     lag = getattr(answer, "lag", None)
     if lag is not None:
         print(lag.note(), file=sys.stdout if args.format == "table" else sys.stderr)
+    if note:  # a limit cut the answer: say so (stderr keeps json/csv clean)
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
