@@ -155,7 +155,7 @@ def answer_json(columns: list[str], rows: list[tuple[Any, ...]], lag: dict[str, 
         doc["rows"] = [
             [str(v) if isinstance(v, int) and not -(2**63) <= v < 2**64 else v for v in row] for row in rows
         ]
-        return orjson.dumps({**doc, "rows": fixed}, default=_default)
+        return orjson.dumps(doc, default=_default)
 
 
 def _json(status: int, doc: Any, headers: dict[str, str] | None = None) -> Response:
