@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import ClientSession, ClientTimeout
-from gateway.httpserver import App, HttpServer
+from gateway.edge import App, HttpServer
 
 from consumers import forensics, sqlguard
 from consumers.audit import AuditConsumer
