@@ -54,7 +54,11 @@ class Embedded:
         lock = lock_data_dir(data_dir) if cfg.store.clickhouse == "embedded" else None
         try:
             eventlog = open_log(
-                cfg.eventlog.backend, data_dir, cfg.eventlog.durability, cfg.eventlog.flush_interval_ms
+                cfg.eventlog.backend,
+                data_dir,
+                cfg.eventlog.durability,
+                cfg.eventlog.flush_interval_ms,
+                **cfg.eventlog.open_log_options(),
             )
             await eventlog.open()
         except BaseException:
@@ -80,7 +84,7 @@ class Embedded:
     async def sync(self) -> None:
         """Every event appended so far is in the ClickHouse tables."""
         await self.log.flush()
-        end = await self.log.end_offset()
+        end = await self.log.end_position()
         if self._tasks:
             await asyncio.gather(self.audit.wait_for(end), self.counters.wait_for(end))
         else:

@@ -313,6 +313,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
 COUNT_TABLES = ("audit_calls", "audit_outcomes", "audit_sessions", "audit_policy_loads", "counters_minute")
 
 
+def _span(end: dict[int, int]) -> str:
+    """The end of a replay: an offset (one partition) or partition:offset pairs."""
+    if list(end) == [0]:
+        return str(end[0])
+    return ",".join(f"{p}:{o}" for p, o in sorted(end.items()))
+
+
 async def replay(cfg: Config, from_offset: int) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -324,8 +331,8 @@ async def replay(cfg: Config, from_offset: int) -> None:
         )
     embedded = await _open(cfg)
     try:
-        end = await embedded.log.end_offset()
-        total = max(0, end - from_offset)
+        end = await embedded.log.end_position()
+        total = sum(max(0, o - from_offset) for o in end.values())
         err = Console(stderr=True)
         with Progress(
             TextColumn("{task.description:<9}"),
@@ -354,7 +361,7 @@ async def replay(cfg: Config, from_offset: int) -> None:
     finally:
         await embedded.close()
     print(
-        f"replayed log offsets {from_offset}..{end}: {done['audit']} records into the audit tables, "
+        f"replayed log offsets {from_offset}..{_span(end)}: {done['audit']} records into the audit tables, "
         f"{done['counters']} into the counters"
     )
     for table, n in counts:
