@@ -235,7 +235,7 @@ async def serve(
             "ready on http://%s:%d (event log %s, durability %s, store %s)",
             cfg.gateway.host,
             cfg.gateway.port,
-            cfg.data_dir / "events.db",
+            cfg.data_dir / "events.db" if cfg.eventlog.backend == "embedded" else embedded.log,
             cfg.eventlog.durability,
             cfg.store.clickhouse,
         )
