@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from consumers.store.base import AuditStore, StoreError
-from eventlog.base import EventLog, Record
+from eventlog.base import EventLog, Position, Record
 from schemas.events import EVENT_KINDS, decode_raw
 
 log_ = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class LogConsumer:
         self.processed = 0  # records consumed (committed) by this instance
         self.inserted = 0  # events written to ClickHouse by this instance
         self.skipped = 0  # malformed or foreign records (logged, never retried)
-        self.position = 0  # the next offset this instance will consume (once running)
+        # per partition, the next offset this instance will consume (once running)
+        self.position: Position = {}
         self._advanced = asyncio.Event()
         self._poke = asyncio.Event()
 
@@ -108,26 +109,34 @@ class LogConsumer:
 
     async def _consume(self, records: Sequence[Record], *, commit: bool = True) -> None:
         await self.process(records)
+        advanced = _after(records)
         if commit:
-            await self.log.commit(self.name, records[-1].offset + 1)
+            # committed only after the write succeeded: at-least-once, the writes are idempotent
+            await self.log.commit_position(self.name, advanced)
         self.processed += len(records)
         if commit:
-            self.position = records[-1].offset + 1
+            self.position.update(advanced)
             self._advanced.set()
 
-    async def wait_for(self, offset: int) -> None:
-        """Wait until this consumer (running its `run()` loop) has consumed up to `offset`."""
-        while self.position < offset:
+    def reached(self, target: Position | int) -> bool:
+        if isinstance(target, int):
+            target = {0: target}
+        return all(self.position.get(p, 0) >= o for p, o in target.items())
+
+    async def wait_for(self, target: Position | int) -> None:
+        """Wait until this consumer (running its `run()` loop) has consumed up to `target`
+        (a position, or an offset of a one-partition log)."""
+        while not self.reached(target):
             self._poke.set()
             self._advanced.clear()
             await self._advanced.wait()
 
     async def run(self) -> None:
-        """Consume forever from the committed offset (cancel the task to stop)."""
-        offset = await self.log.committed(self.name)
-        self.position = offset
+        """Consume forever from the committed position (cancel the task to stop)."""
+        position = await self.log.committed_position(self.name)
+        self.position = dict(position)
         self._advanced.set()
-        async for records in self.log.tail(offset, self.batch):
+        async for records in self.log.tail_position(position, self.batch):
             if records:
                 await self._consume(records)
                 if len(records) < self.batch and self.linger_s > 0:
@@ -138,54 +147,75 @@ class LogConsumer:
                         await asyncio.wait_for(self._poke.wait(), self.linger_s)
                     self._poke.clear()
 
-    async def _batches(self, offset: int, end: int) -> AsyncIterator[list[Record]]:
-        """Batches of [offset, end), reading the next batch (log thread) while the caller
-        inserts the current one (ClickHouse thread): the two overlap instead of taking turns."""
-        pending = (
-            asyncio.ensure_future(self.log.read(offset, min(self.batch, end - offset)))
-            if offset < end
-            else None
-        )
-        try:
-            while pending is not None:
-                records = await pending
-                pending = None
-                if not records:
-                    return
-                offset = records[-1].offset + 1
-                if offset < end:
-                    pending = asyncio.ensure_future(self.log.read(offset, min(self.batch, end - offset)))
-                yield records
-        finally:
-            if pending is not None:
-                pending.cancel()
+    async def _batches(self, start: Position, end: Position) -> AsyncIterator[list[Record]]:
+        """Batches of [start, end), partition after partition, reading the next batch (log
+        thread) while the caller inserts the current one (ClickHouse thread): the two
+        overlap instead of taking turns."""
+        for partition, stop in sorted(end.items()):
+            offset = start.get(partition, 0)
+
+            def read(
+                offset: int, partition: int = partition, stop: int = stop
+            ) -> asyncio.Future[list[Record]]:
+                return asyncio.ensure_future(
+                    self.log.read_partition(partition, offset, min(self.batch, stop - offset))
+                )
+
+            pending = read(offset) if offset < stop else None
+            try:
+                while pending is not None:
+                    records = await pending
+                    pending = None
+                    if not records:
+                        break
+                    offset = records[-1].offset + 1
+                    if offset < stop:
+                        pending = read(offset)
+                    yield records
+            finally:
+                if pending is not None:
+                    pending.cancel()
 
     async def catch_up(self) -> int:
-        """Consume from the committed offset up to the current end; return records consumed."""
-        offset = await self.log.committed(self.name)
-        end = await self.log.end_offset()
+        """Consume from the committed position up to the current end; return records consumed."""
+        start = await self.log.committed_position(self.name)
+        end = await self.log.end_position()
         done = 0
-        async for records in self._batches(offset, end):
+        async for records in self._batches(start, end):
             await self._consume(records)
             done += len(records)
         return done
 
-    async def replay(self, from_offset: int = 0, progress: Progress | None = None) -> int:
-        """Re-insert every record from ``from_offset`` to the end (idempotent), then move
-        the committed offset forward to the end if it was behind. Returns records read.
-        ``progress(done, total)`` is called after each batch."""
-        end = await self.log.end_offset()
-        total = max(0, end - from_offset)
-        offset, done = from_offset, 0
-        async for records in self._batches(from_offset, end):
+    async def replay(self, from_offset: Position | int = 0, progress: Progress | None = None) -> int:
+        """Re-insert every record from ``from_offset`` (a position, or an offset of every
+        partition) to the end (idempotent), then move the committed position forward to the
+        end where it was behind. Returns records read. ``progress(done, total)`` is called
+        after each batch."""
+        end = await self.log.end_position()
+        start = from_offset if isinstance(from_offset, dict) else dict.fromkeys(end, from_offset)
+        total = sum(max(0, o - start.get(p, 0)) for p, o in end.items())
+        reached: Position = {}
+        done = 0
+        async for records in self._batches(start, end):
             await self._consume(records, commit=False)
             done += len(records)
-            offset = records[-1].offset + 1
+            reached.update(_after(records))
             if progress is not None:
                 progress(done, total)
-        if await self.log.committed(self.name) < offset:
-            await self.log.commit(self.name, offset)
+        committed = await self.log.committed_position(self.name)
+        behind = {p: o for p, o in reached.items() if committed.get(p, 0) < o}
+        if behind:
+            await self.log.commit_position(self.name, behind)
         return done
+
+
+def _after(records: Sequence[Record]) -> Position:
+    """Per partition, the offset after the last of `records` there (a batch holds each
+    partition's records in offset order, so the last one wins)."""
+    out: Position = {}
+    for r in records:
+        out[r.partition] = r.offset + 1
+    return out
 
 
 RETRY_FIRST_S = 0.25

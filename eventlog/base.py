@@ -1,11 +1,20 @@
 """The one persistence interface of ledgergate: an append-only log of event records.
 
-Backends (one module each): `eventlog.sqlite` (embedded, default), later
-`eventlog.kafka`. Gateway and consumers depend on this interface only.
+Backends (one module each): `eventlog.sqlite` (embedded, default) and `eventlog.kafka`.
+Gateway and consumers depend on this interface only.
 
-A record is (offset, payload): offsets are dense integers from 0 in append order,
-payloads are the orjson bytes of one `schemas.events` event. Consumers keep named
-offsets ("the next offset I have not processed") in the log itself.
+A record is (partition, offset, payload): within a partition offsets are dense integers
+from 0 in append order; payloads are the orjson bytes of one `schemas.events` event.
+Records of one grant always land in one partition, so each grant's events stay ordered.
+
+Two ways to address the log:
+- the position API (every backend): a `Position` maps partition -> the next offset to
+  read; `partitions()`, `read_partition()`, `end_position()`, `tail_position()`,
+  `committed_position()`/`commit_position()` (named consumers), `position_since()`.
+- the int-offset API (`read`, `end_offset`, `committed`, `commit`, `tail`,
+  `first_offset_since`): the one-partition case, which the embedded log is. The
+  defaults of the position API are written in terms of it, so a one-partition backend
+  implements only the int API; a multi-partition backend overrides the position API.
 """
 
 from __future__ import annotations
@@ -17,11 +26,15 @@ from typing import Literal, Self
 
 Durability = Literal["strict", "batched"]
 
+Position = dict[int, int]
+"""partition -> the next offset to read there (a partition left out means offset 0)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
     offset: int
     payload: bytes
+    partition: int = 0
 
 
 class LogUnavailable(RuntimeError):
@@ -97,3 +110,58 @@ class EventLog(abc.ABC):
     def tail(self, offset: int, batch: int = 10_000) -> AsyncIterator[list[Record]]:
         """Endless batches of records from `offset`, waiting for new ones (no polling sleep
         loop when the backend can signal appends)."""
+
+    # ---- the position API: defaults are the one-partition case ---------------------------
+
+    async def partitions(self) -> list[int]:
+        """The partition numbers of the log."""
+        return [0]
+
+    async def read_partition(self, partition: int, offset: int, limit: int = 10_000) -> list[Record]:
+        """Up to `limit` durable records of `partition` with offset >= `offset`, in order."""
+        self._only_partition_0(partition)
+        return await self.read(offset, limit)
+
+    async def end_position(self) -> Position:
+        """Per partition, the offset the next durable record will get."""
+        return {0: await self.end_offset()}
+
+    async def position_since(self, ts_ms: int) -> Position:
+        """Per partition, an offset at or before its first record appended at or after `ts_ms`."""
+        return {0: await self.first_offset_since(ts_ms)}
+
+    async def committed_position(self, consumer: str) -> Position:
+        """The named consumer's next offsets to process (0 where it never committed)."""
+        return {0: await self.committed(consumer)}
+
+    async def commit_position(self, consumer: str, position: Position) -> None:
+        """Durably store the consumer's next offsets to process (only the partitions given)."""
+        for partition, offset in position.items():
+            self._only_partition_0(partition)
+            await self.commit(consumer, offset)
+
+    def tail_position(self, position: Position, batch: int = 10_000) -> AsyncIterator[list[Record]]:
+        """Endless batches of records from `position` (records carry their partition)."""
+        for partition in position:
+            self._only_partition_0(partition)
+        return self.tail(position.get(0, 0), batch)
+
+    async def read_position(
+        self, start: Position, end: Position | None = None, limit: int = 10_000
+    ) -> AsyncIterator[list[Record]]:
+        """Batches of the records from `start` up to `end` (default: the end position when
+        called), partition after partition; in order within each partition."""
+        if end is None:
+            end = await self.end_position()
+        for partition, stop in sorted(end.items()):
+            offset = start.get(partition, 0)
+            while offset < stop:
+                batch = await self.read_partition(partition, offset, min(limit, stop - offset))
+                if not batch:
+                    break
+                yield batch
+                offset = batch[-1].offset + 1
+
+    def _only_partition_0(self, partition: int) -> None:
+        if partition != 0:
+            raise ValueError(f"{type(self).__name__} has one partition (0), not {partition}")

@@ -84,6 +84,9 @@ _COMMIT = (
     "ON CONFLICT(name) DO UPDATE SET next_offset = excluded.next_offset"
 )
 _COMMITTED = "SELECT next_offset FROM consumer_offsets WHERE name = ?"
+_TS_OF = "SELECT ts_ms FROM records WHERE offset = ?"
+# the last record always stays: it is what keeps offsets going on after it (_LAST)
+_DELETE_BEFORE = "DELETE FROM records WHERE offset < min(?, (SELECT max(offset) FROM records))"
 
 # batched mode: above this many queued records, append() waits for a flush (back-pressure).
 _BATCHED_HIGH_WATER = 100_000
@@ -383,9 +386,28 @@ class SqliteEventLog(EventLog):
                 await self.flush()
                 return await self.end_offset() - 1
             return self._assigned_end - 1
+        if self._strict:
+            return await self._enqueue(payloads)
+        last = self._enqueue(payloads).result()
+        if len(self._pending.payloads) >= _BATCHED_HIGH_WATER:  # type: ignore[union-attr]
+            await self.flush()
+        return last
+
+    def append_nowait(self, payloads: Sequence[bytes]) -> asyncio.Future[int]:
+        """append() in two halves: the records join the log's queue now, in call order, and
+        the returned future resolves when append() would have returned (strict: after the
+        commit; batched: at once). For callers that must keep several appends in order
+        without awaiting each (the Kafka spool). No back-pressure in batched mode."""
+        self._check_open()
+        if not payloads:
+            raise ValueError("append_nowait needs at least one payload")
+        return self._enqueue(payloads)
+
+    def _enqueue(self, payloads: Sequence[bytes]) -> asyncio.Future[int]:
         for p in payloads:
             if type(p) is not bytes:
                 raise TypeError(f"payloads must be bytes, not {type(p).__name__}")
+        fut: asyncio.Future[int] = self._loop.create_future()  # type: ignore[union-attr]
         if self._strict:
             b = self._pending
             if b is None:
@@ -393,9 +415,8 @@ class SqliteEventLog(EventLog):
                 if self._inflight is None:
                     self._schedule_kick()
             b.payloads.extend(payloads)
-            fut: asyncio.Future[int] = self._loop.create_future()  # type: ignore[union-attr]
             b.waiters.append((fut, len(b.payloads) - 1))
-            return await fut
+            return fut
         # batched
         if self._error is not None:
             raise self._unavailable(self._error.__cause__ or self._error) from self._error
@@ -406,11 +427,9 @@ class SqliteEventLog(EventLog):
                 self.flush_interval_ms / 1000, self._on_timer
             )
         b.payloads.extend(payloads)
-        self._assigned_end += n
-        last = self._assigned_end - 1
-        if len(b.payloads) >= _BATCHED_HIGH_WATER:
-            await self.flush()
-        return last
+        self._assigned_end += len(payloads)
+        fut.set_result(self._assigned_end - 1)
+        return fut
 
     def _schedule_kick(self) -> None:
         # call_soon, not a direct kick: every task woken in this loop iteration gets
@@ -571,6 +590,34 @@ class SqliteEventLog(EventLog):
             self._check_open()
         try:
             await self._writer.call(lambda: self._w_commit_offset(consumer, offset))  # type: ignore[union-attr]
+        except sqlite3.Error as e:
+            raise self._unavailable(e) from e
+
+    async def timestamp(self, offset: int) -> int | None:
+        """The append time (ms) of the record at `offset`, None if there is none."""
+
+        def q() -> int | None:
+            row = self._rc().execute(_TS_OF, (offset,)).fetchone()
+            return None if row is None else row[0]
+
+        return await self._read_call(q)
+
+    async def delete_before(self, offset: int) -> None:
+        """Remove the records before `offset` (the Kafka spool drops what it drained).
+
+        The last record is always kept, so offsets never restart: a consumer offset
+        committed before stays valid."""
+        if self._writer is None:
+            self._check_open()
+
+        def w() -> None:
+            conn = self._wconn
+            if conn is None:
+                raise sqlite3.OperationalError("connection closed")
+            conn.execute(_DELETE_BEFORE, (offset,))
+
+        try:
+            await self._writer.call(w)  # type: ignore[union-attr]
         except sqlite3.Error as e:
             raise self._unavailable(e) from e
 

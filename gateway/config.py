@@ -150,6 +150,26 @@ class EventlogSection(_Section):
     backend: Literal["embedded", "kafka"] = "embedded"
     durability: Literal["strict", "batched"] = "strict"
     flush_interval_ms: float = Field(5.0, gt=0)
+    # backend = "kafka"
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, HOST:PORT[,HOST:PORT...]")
+    topic: str = "ledgergate.decisions"
+    partitions: int = Field(6, gt=0, description="partitions of the topic when ledgergate creates it")
+    replication: int = Field(1, gt=0, description="replication factor of the topic if ledgergate creates it")
+    spool_after_ms: float = Field(
+        1000.0, gt=0, description="no broker ack within this: decisions go to the spool (data_dir/spool.db)"
+    )
+
+    def open_log_options(self) -> dict[str, object]:
+        """Keyword arguments of eventlog.open_log for this section."""
+        if self.backend != "kafka":
+            return {}
+        return {
+            "bootstrap": self.bootstrap,
+            "topic": self.topic,
+            "partitions": self.partitions,
+            "replication": self.replication,
+            "spool_after_ms": self.spool_after_ms,
+        }
 
 
 class StoreSection(_Section):

@@ -59,7 +59,11 @@ class Embedded:
         lock = lock_data_dir(data_dir) if cfg.store.clickhouse == "embedded" else None
         try:
             eventlog = open_log(
-                cfg.eventlog.backend, data_dir, cfg.eventlog.durability, cfg.eventlog.flush_interval_ms
+                cfg.eventlog.backend,
+                data_dir,
+                cfg.eventlog.durability,
+                cfg.eventlog.flush_interval_ms,
+                **cfg.eventlog.open_log_options(),
             )
             await eventlog.open()
         except BaseException:
@@ -113,7 +117,7 @@ class Embedded:
     async def sync(self) -> None:
         """Every event appended so far is in the ClickHouse tables."""
         await self.log.flush()
-        end = await self.log.end_offset()
+        end = await self.log.end_position()
         if self._tasks:
             await asyncio.gather(self.audit.wait_for(end), self.counters.wait_for(end))
         else:
@@ -338,7 +342,7 @@ async def serve(
             "ready on http://%s:%d (event log %s, durability %s, store %s)",
             cfg.gateway.host,
             cfg.gateway.port,
-            cfg.data_dir / "events.db",
+            cfg.data_dir / "events.db" if cfg.eventlog.backend == "embedded" else embedded.log,
             cfg.eventlog.durability,
             cfg.store.clickhouse,
         )

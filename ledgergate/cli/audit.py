@@ -491,6 +491,13 @@ def render(
 COUNT_TABLES = ("audit_calls", "audit_outcomes", "audit_sessions", "audit_policy_loads", "counters_minute")
 
 
+def _span(end: dict[int, int]) -> str:
+    """The end of a replay: an offset (one partition) or partition:offset pairs."""
+    if list(end) == [0]:
+        return str(end[0])
+    return ",".join(f"{p}:{o}" for p, o in sorted(end.items()))
+
+
 async def replay(cfg: Config, from_offset: int) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -502,16 +509,17 @@ async def replay(cfg: Config, from_offset: int) -> None:
         )
     embedded = await _open(cfg)
     try:
-        end = await embedded.log.end_offset()
-        if from_offset > end:
+        end = await embedded.log.end_position()
+        end_total = sum(end.values())
+        if len(end) == 1 and from_offset > end_total:
             # committing an offset past the end would freeze the projections: the consumers
             # would wait for offsets the next events never get
             raise CliError(
                 2,
-                f"--from {from_offset} is past the end of the event log, which holds {end} records "
-                f"(offsets 0..{end - 1}); give --from 0..{end} (0 rebuilds everything)",
+                f"--from {from_offset} is past the end of the event log, which holds {end_total} records "
+                f"(offsets 0..{end_total - 1}); give --from 0..{end_total} (0 rebuilds everything)",
             )
-        total = max(0, end - from_offset)
+        total = sum(max(0, o - from_offset) for o in end.values())
         err = Console(stderr=True)
         with Progress(
             TextColumn("{task.description:<9}"),
@@ -540,7 +548,7 @@ async def replay(cfg: Config, from_offset: int) -> None:
     finally:
         await embedded.close()
     print(
-        f"replayed log offsets {from_offset}..{end}: {done['audit']} records into the audit tables, "
+        f"replayed log offsets {from_offset}..{_span(end)}: {done['audit']} records into the audit tables, "
         f"{done['counters']} into the counters"
     )
     for table, n in counts:
