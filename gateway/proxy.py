@@ -27,7 +27,7 @@ from aiohttp.web import HTTPRequestEntityTooLarge, Response, StreamResponse
 
 from gateway.audit.hooks import Addon
 from gateway.auth import Authenticator, Grant, failure_reason
-from gateway.edge import Request
+from gateway.edge import Request, json_error, json_response
 from gateway.http.sse import format_event
 from gateway.mcp import jsonrpc
 from gateway.mcp.flow import CallFlow
@@ -49,14 +49,6 @@ _JSON = "application/json"
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-def json_response(
-    payload: dict[str, Any] | bytes, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    """A JSON answer to an agent (the one place agent-side JSON-RPC answers are built)."""
-    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-    return Response(body=body, status=status, content_type=_JSON, headers=headers)
-
-
 def error_response(
     status: int,
     code: int,
@@ -65,7 +57,7 @@ def error_response(
     data: Any = None,
     headers: dict[str, str] | None = None,
 ) -> Response:
-    """A JSON-RPC error answer to an agent, with the HTTP `status`."""
+    """A JSON-RPC error answer to an agent, with the HTTP `status` (the one place they are built)."""
     return json_response(jsonrpc.error_bytes(id, code, message, data), status=status, headers=headers)
 
 
@@ -205,7 +197,7 @@ class Proxy:
             msg, kind = jsonrpc.parse(body)
         except InvalidMessage as exc:
             return error_response(400, exc.code, exc.message, exc.id)
-        inbound = Inbound(msg, req)
+        inbound = Inbound(msg, req.headers, req)
         upstream = self.upstreams[server]
         if kind is Kind.REQUEST and msg["method"] == "initialize":
             return await self._initialize(inbound, grant, server, upstream)
@@ -241,7 +233,7 @@ class Proxy:
         session = self._session(req, grant, server)
         if isinstance(session, Response):
             return session
-        inbound = Inbound(None, req)
+        inbound = Inbound(None, req.headers, req)
         session.active += 1
         try:
             try:
@@ -273,7 +265,7 @@ class Proxy:
         if isinstance(session, Response):
             return session
         try:
-            reply = await self.upstreams[server].delete(Inbound(None, req), session)
+            reply = await self.upstreams[server].delete(Inbound(None, req.headers, req), session)
         except Refused as exc:
             return error_response(exc.status, jsonrpc.INVALID_REQUEST, exc.message)
         except UpstreamFailed as exc:
@@ -302,7 +294,7 @@ class Proxy:
             id=new_session_id(),
             server=server,
             grant=grant,
-            remote=inbound.request.remote,
+            remote=inbound.remote,
             protocol_version=params.get("protocolVersion")
             if isinstance(params.get("protocolVersion"), str)
             else None,
@@ -336,7 +328,7 @@ class Proxy:
             params=params,
             grant=grant,
             session=session,
-            remote=inbound.request.remote,
+            remote=inbound.remote,
         )
         policy = self.policies[server]
         flow.policy_version = policy.version
@@ -467,7 +459,7 @@ class Proxy:
                 msg = transform(msg)
             data = orjson.dumps(msg)
             flow.observe(msg, len(data))
-            return Response(body=data, status=status, headers=headers, content_type=_JSON)
+            return json_response(data, status, headers)
         data = reply.body or b""
         if flow.outcome is None:
             if headers.get("content-type", "").startswith(_JSON):
@@ -515,6 +507,7 @@ class Proxy:
         nbytes = 0
         try:
             inbound.started = True
+            assert inbound.request is not None
             await resp.prepare(inbound.request)
             async for ev in events:
                 raw = ev.raw
@@ -585,9 +578,7 @@ class Proxy:
         if session is not None:
             headers["Mcp-Session-Id"] = session.id
         if reply.message is not None:
-            return Response(
-                body=orjson.dumps(reply.message), status=reply.status, headers=headers, content_type=_JSON
-            )
+            return json_response(reply.message, reply.status, headers)
         return Response(body=reply.body, status=reply.status, headers=headers)
 
     async def _refuse_notification(
@@ -733,7 +724,7 @@ _ALIVE = orjson.dumps({"ok": True})
 
 async def health(req: Request) -> Response:
     """Unauthenticated: only that the gateway is alive (counts are behind the admin token)."""
-    return Response(body=_ALIVE, content_type="application/json")
+    return json_response(_ALIVE)
 
 
 def health_detail(proxy: Proxy, admin_token: str) -> Callable[[Request], Any]:
@@ -742,11 +733,11 @@ def health_detail(proxy: Proxy, admin_token: str) -> Callable[[Request], Any]:
     async def handler(req: Request) -> Response:
         given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
-            return Response(
-                status=401,
-                body=orjson.dumps({"error": "unauthorized", "message": "missing or wrong admin token"}),
-                content_type="application/json",
-                headers={"WWW-Authenticate": 'Bearer realm="ledgergate-admin"'},
+            return json_error(
+                401,
+                "unauthorized",
+                "missing or wrong admin token",
+                {"WWW-Authenticate": 'Bearer realm="ledgergate-admin"'},
             )
         doc = {
             "ok": True,
@@ -754,6 +745,6 @@ def health_detail(proxy: Proxy, admin_token: str) -> Callable[[Request], Any]:
             "inflight": sum(proxy.inflight.values()),
             "servers": sorted(proxy.upstreams),
         }
-        return Response(body=orjson.dumps(doc), content_type="application/json")
+        return json_response(doc)
 
     return handler

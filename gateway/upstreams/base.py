@@ -9,11 +9,9 @@ an outcome and never touches the session registry; the proxy does all three.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-
-from multidict import CIMultiDictProxy
 
 from gateway.edge import Request
 
@@ -29,13 +27,13 @@ class Inbound:
     """
 
     message: dict[str, Any] | None  # None for GET and DELETE
-    request: Request
+    headers: Mapping[str, str]  # the agent's headers, case-insensitive (a transport forwards a few)
+    request: Request | None = None  # the agent's connection, to abort (None in unit tests)
     started: bool = False  # the answer's head went out: an error can only close the connection
 
     @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        """The agent's headers (a transport picks the few it forwards)."""
-        return self.request.headers
+    def remote(self) -> str | None:
+        return self.request.remote if self.request is not None else None
 
     @property
     def accepts_sse(self) -> bool:
@@ -43,7 +41,7 @@ class Inbound:
 
     def abort(self) -> None:
         """Close the agent's connection at once (a stream it does not read): its writes then fail."""
-        transport = self.request.transport
+        transport = self.request.transport if self.request is not None else None
         if transport is not None:
             transport.abort()
 

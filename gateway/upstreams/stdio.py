@@ -254,6 +254,17 @@ class StdioProcess:
         self._write(out)
         return uid, p
 
+    def cancel(self, uid: int, reason: str) -> None:
+        """Tell the child to stop working on request `uid` (best effort: it may be gone)."""
+        with contextlib.suppress(UpstreamDown):
+            self._write(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/cancelled",
+                    "params": {"requestId": uid, "reason": reason},
+                }
+            )
+
     def notify(self, msg: dict[str, Any], session: Session) -> None:
         """A client notification or response: checked, then re-serialised for the child.
 
@@ -528,14 +539,7 @@ class StdioUpstream(Upstream):
         try:
             kind, msg = await asyncio.wait_for(p.queue.get(), self.timeout_s)
         except TimeoutError:
-            with contextlib.suppress(UpstreamDown):
-                proc._write(
-                    {
-                        "jsonrpc": "2.0",
-                        "method": "notifications/cancelled",
-                        "params": {"requestId": uid, "reason": "gateway timeout"},
-                    }
-                )
+            proc.cancel(uid, "gateway timeout")
             text = f"{proc.label} did not answer within {self.timeout_s:g} s"
             raise UpstreamFailed(jsonrpc.UPSTREAM_TIMEOUT, text, {"upstream": self.name}) from None
         if kind == _FAILED:  # one instance for every call of the dead child: raise a copy
@@ -573,14 +577,7 @@ class StdioUpstream(Upstream):
             f"the client did not read its stream: over {q.max_bytes} bytes or "
             f"{q.max_items} messages queued, disconnected"
         )
-        with contextlib.suppress(UpstreamDown):
-            proc._write(
-                {
-                    "jsonrpc": "2.0",
-                    "method": "notifications/cancelled",
-                    "params": {"requestId": uid, "reason": "the client does not read its stream"},
-                }
-            )
+        proc.cancel(uid, "the client does not read its stream")
         inbound.abort()
 
     async def send(self, inbound: Inbound, session: Session) -> UpstreamReply:
