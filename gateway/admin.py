@@ -55,7 +55,7 @@ from aiohttp.web import Response
 
 from gateway.audit.hooks import Addon, AdminRequest
 from gateway.auth import failure_reason
-from gateway.edge import App, Request
+from gateway.edge import App, Request, json_error, json_response
 
 log = logging.getLogger("ledgergate.admin")
 
@@ -158,13 +158,9 @@ def answer_json(columns: list[str], rows: list[tuple[Any, ...]], lag: dict[str, 
         return orjson.dumps(doc, default=_default)
 
 
-def _json(status: int, doc: Any, headers: dict[str, str] | None = None) -> Response:
-    return Response(status=status, body=orjson.dumps(doc), content_type="application/json", headers=headers)
-
-
 def _error(status: int, kind: str, message: str) -> Response:
     headers = {"WWW-Authenticate": 'Bearer realm="ledgergate-admin"'} if status == 401 else None
-    return _json(status, {"error": kind, "message": message}, headers)
+    return json_error(status, kind, message, headers)
 
 
 ADMIN_SERVER = "(admin)"  # the server name of auth.failed events of the admin API
@@ -311,7 +307,7 @@ def add_admin_routes(
         assert reload is not None
         results = reload()
         # a policy that failed to load is an error for the caller, not a 200 with a message
-        return _json(422 if any(v is not None for v in results.values()) else 200, results)
+        return json_response(results, 422 if any(v is not None for v in results.values()) else 200)
 
     def hooked(action: str | None, handler: Handler) -> Handler:
         return handler if addons is None else _audited(addons, action, handler)

@@ -39,7 +39,7 @@ from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["App", "EdgeLimits", "HttpServer", "Request", "json_error"]
+__all__ = ["App", "EdgeLimits", "HttpServer", "Request", "json_error", "json_response"]
 
 log = logging.getLogger("ledgergate.http")
 
@@ -71,13 +71,16 @@ class EdgeLimits:
     lingering_s: float = 2.0  # how long an unread body is drained after the answer
 
 
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer (`doc` as bytes already serialised, or anything orjson serialises)."""
+    body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+
+
 def json_error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=orjson.dumps({"error": kind, "message": message}),
-        status=status,
-        headers=headers,
-        content_type="application/json",
-    )
+    """An HTTP-level error (edge limits, admin API, health): ``{"error": kind, "message": ...}``.
+    MCP agents get JSON-RPC errors instead (`gateway.proxy.error_response`)."""
+    return json_response({"error": kind, "message": message}, status, headers)
 
 
 def _busy_answer() -> bytes:

@@ -14,7 +14,6 @@ dropped).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import math
@@ -28,7 +27,8 @@ from aiohttp.web import HTTPRequestEntityTooLarge, Response, StreamResponse
 
 from gateway.audit.hooks import Addon
 from gateway.auth import Authenticator, Grant, failure_reason
-from gateway.edge import Request
+from gateway.edge import Request, json_error, json_response
+from gateway.http.sse import format_event
 from gateway.mcp import jsonrpc
 from gateway.mcp.flow import CallFlow
 from gateway.mcp.jsonrpc import InvalidMessage, Kind
@@ -36,13 +36,29 @@ from gateway.mcp.sessions import MODERN_VERSIONS, SUPPORTED_VERSIONS, Session, S
 from gateway.policy.engine import Call, Decision, can_ever_call, decide, refusal_text
 from gateway.policy.limiter import Limiter
 from gateway.policy.live import PolicySet
-from gateway.upstreams.base import BODY, MESSAGE, STARTED, Upstream, error_response, json_response
+from gateway.upstreams.base import Event, Inbound, Refused, Upstream, UpstreamFailed, UpstreamReply
 
 log = logging.getLogger("ledgergate.proxy")
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 # the audit `rule` of a request-only method (tools/call...) that arrived as a notification
 NOTIFICATION_RULE = "gateway:request-only-method-as-notification"
+_JSON = "application/json"
+
+# rewrites the final JSON-RPC response of a request (tools/list filtering)
+Transform = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def error_response(
+    status: int,
+    code: int,
+    message: str,
+    id: Any = None,
+    data: Any = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """A JSON-RPC error answer to an agent, with the HTTP `status` (the one place they are built)."""
+    return json_response(jsonrpc.error_bytes(id, code, message, data), status=status, headers=headers)
 
 
 class Proxy:
@@ -141,7 +157,7 @@ class Proxy:
             return error_response(
                 404, jsonrpc.INVALID_REQUEST, "Not Found: unknown or expired session; initialize a new one"
             )
-        if s.state.get("upstream_gone"):
+        if s.upstream_gone:
             self._close(s, "upstream_gone")
             return error_response(
                 404,
@@ -181,11 +197,10 @@ class Proxy:
             msg, kind = jsonrpc.parse(body)
         except InvalidMessage as exc:
             return error_response(400, exc.code, exc.message, exc.id)
-        req[BODY] = body
-        req[MESSAGE] = msg
+        inbound = Inbound(msg, req.headers, req)
         upstream = self.upstreams[server]
         if kind is Kind.REQUEST and msg["method"] == "initialize":
-            return await self._initialize(req, msg, grant, server, upstream)
+            return await self._initialize(inbound, grant, server, upstream)
         session = self._session(req, grant, server)
         if isinstance(session, Response):
             return session
@@ -193,15 +208,18 @@ class Proxy:
             return await self._refuse_notification(req, msg, grant, server, session)
         if kind is not Kind.REQUEST:
             try:
-                return await upstream.send(session, msg, req)
+                reply = await upstream.send(inbound, session)
+            except Refused as exc:
+                return error_response(exc.status, jsonrpc.INVALID_REQUEST, exc.message, msg.get("id"))
+            except UpstreamFailed as exc:
+                return error_response(502, exc.code, exc.message, None, exc.data)
             except Exception:
-                if req.get(STARTED):
-                    raise
                 log.exception("%s: forwarding a client %s failed", server, kind.value)
                 return error_response(
                     500, jsonrpc.INTERNAL_ERROR, "Internal error: the message was not forwarded"
                 )
-        return await self._call(req, msg, grant, server, session, upstream)
+            return self._answer(reply, session)
+        return await self._call(inbound, grant, server, session, upstream)
 
     async def get(self, req: Request) -> StreamResponse:
         front = self._front(req)
@@ -215,9 +233,18 @@ class Proxy:
         session = self._session(req, grant, server)
         if isinstance(session, Response):
             return session
+        inbound = Inbound(None, req.headers, req)
         session.active += 1
         try:
-            return await self.upstreams[server].open_stream(session, req)
+            try:
+                reply = await self.upstreams[server].open_stream(inbound, session)
+            except Refused as exc:
+                return error_response(exc.status, jsonrpc.INVALID_REQUEST, exc.message)
+            except UpstreamFailed as exc:
+                return error_response(502, exc.code, exc.message, None, exc.data)
+            if reply.events is None:
+                return self._answer(reply, session)
+            return await self._relay_stream(inbound, reply, session)
         finally:
             session.active -= 1
             session.touch()
@@ -237,16 +264,23 @@ class Proxy:
         session = self._session(req, grant, server)
         if isinstance(session, Response):
             return session
-        resp = await self.upstreams[server].end_session(session, req)
-        if resp.status < 300 or resp.status == 404:
+        try:
+            reply = await self.upstreams[server].delete(Inbound(None, req.headers, req), session)
+        except Refused as exc:
+            return error_response(exc.status, jsonrpc.INVALID_REQUEST, exc.message)
+        except UpstreamFailed as exc:
+            return error_response(502, exc.code, exc.message, None, exc.data)
+        if reply.status < 300 or reply.status == 404:
             self._close(session, "deleted")
-        return resp
+        return self._answer(reply, None)
 
     # ---- the call path ----------------------------------------------------------------------
 
     async def _initialize(
-        self, req: Request, msg: dict[str, Any], grant: Grant, server: str, upstream: Upstream
+        self, inbound: Inbound, grant: Grant, server: str, upstream: Upstream
     ) -> StreamResponse:
+        msg = inbound.message
+        assert msg is not None
         if self.sessions.count(grant.name) >= self.max_sessions_per_grant:
             return self._too_many(
                 f"this grant has {self.max_sessions_per_grant} open sessions (max_sessions_per_grant); "
@@ -260,7 +294,7 @@ class Proxy:
             id=new_session_id(),
             server=server,
             grant=grant,
-            remote=req.remote,
+            remote=inbound.remote,
             protocol_version=params.get("protocolVersion")
             if isinstance(params.get("protocolVersion"), str)
             else None,
@@ -272,18 +306,19 @@ class Proxy:
             self.sessions.add(s)
             self.addons.session_opened(s)
 
-        return await self._call(req, msg, grant, server, session, upstream, on_open)
+        return await self._call(inbound, grant, server, session, upstream, on_open)
 
     async def _call(
         self,
-        req: Request,
-        msg: dict[str, Any],
+        inbound: Inbound,
         grant: Grant,
         server: str,
         session: Session,
         upstream: Upstream,
         on_open: Callable[[Session], None] | None = None,
     ) -> StreamResponse:
+        msg = inbound.message
+        assert msg is not None
         method: str = msg["method"]
         params = msg.get("params")
         flow = CallFlow(
@@ -293,7 +328,7 @@ class Proxy:
             params=params,
             grant=grant,
             session=session,
-            remote=req.remote,
+            remote=inbound.remote,
         )
         policy = self.policies[server]
         flow.policy_version = policy.version
@@ -351,9 +386,9 @@ class Proxy:
             transform = self._tools_filter(server) if method == "tools/list" else None
             session.active += 1
             try:
-                return await upstream.request(flow, req, session, transform, on_open)
+                return await self._forward(flow, inbound, session, upstream, transform, on_open)
             except Exception:
-                if req.get(STARTED):
+                if inbound.started:
                     raise  # the answer's head is out: only closing the connection is left
                 log.exception("%s %s: the gateway failed before answering", server, method)
                 flow.finish("upstream_error", code=jsonrpc.INTERNAL_ERROR, message="gateway internal error")
@@ -375,6 +410,176 @@ class Proxy:
             if flow.outcome is None:
                 flow.finish("cancelled", message="the gateway stopped handling the call")
             self.addons.completed(flow)
+
+    async def _forward(
+        self,
+        flow: CallFlow,
+        inbound: Inbound,
+        session: Session,
+        upstream: Upstream,
+        transform: Transform | None,
+        on_open: Callable[[Session], None] | None,
+    ) -> StreamResponse:
+        """Forward an allowed request; answer the agent with what the upstream said, record how it ended."""
+        initialize = on_open is not None
+        flow.forwarded_at = time.perf_counter()
+        try:
+            reply = await upstream.request(inbound, session, initialize)
+        except Refused as exc:
+            text = f"{exc.message}; the call was not forwarded"
+            flow.finish("refused", code=jsonrpc.INVALID_REQUEST, message=text)
+            return error_response(exc.status, jsonrpc.INVALID_REQUEST, text, flow.request_id)
+        except UpstreamFailed as exc:
+            flow.sent = exc.sent
+            flow.finish("upstream_error", code=exc.code, message=exc.message)
+            return error_response(
+                200,
+                exc.code,
+                exc.message,
+                flow.request_id,
+                exc.data,
+                None if initialize else {"Mcp-Session-Id": session.id},
+            )
+        flow.sent = reply.sent
+        status = reply.status
+        if initialize:
+            if 200 <= status < 300 and (reply.message is None or "result" in reply.message):
+                session.upstream_session = reply.upstream_session
+                on_open(session)  # type: ignore[misc]  # before the answer's head goes out
+        elif status == 404 and session.upstream_session:
+            flow.finish("upstream_error", code=404, message="upstream session expired")
+            session.upstream_gone = True
+        headers = reply.headers
+        headers["Mcp-Session-Id"] = session.id
+        if reply.events is not None:
+            return await self._relay_stream(inbound, reply, session, flow, transform)
+        if reply.message is not None:  # one message the transport parsed: the gateway serialises it
+            msg = reply.message
+            if transform is not None and "result" in msg:
+                msg = transform(msg)
+            data = orjson.dumps(msg)
+            flow.observe(msg, len(data))
+            return json_response(data, status, headers)
+        data = reply.body or b""
+        if flow.outcome is None:
+            if headers.get("content-type", "").startswith(_JSON):
+                data = self._observe_json(flow, data, transform)
+            else:
+                flow.finish(
+                    "upstream_error",
+                    code=status,
+                    message=f"upstream answered HTTP {status}",
+                    nbytes=len(data),
+                )
+        return Response(body=data, status=status, headers=headers)
+
+    @staticmethod
+    def _observe_json(flow: CallFlow, data: bytes, transform: Transform | None) -> bytes:
+        """Record the outcome of a JSON answer; returns the bytes to send (rewritten by `transform`)."""
+        try:
+            msg = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            flow.finish("upstream_error", message="upstream answered invalid JSON", nbytes=len(data))
+            return data
+        if isinstance(msg, dict):
+            if transform is not None and "result" in msg:
+                msg = transform(msg)
+                data = orjson.dumps(msg)
+            flow.observe(msg, len(data))
+        return data
+
+    async def _relay_stream(
+        self,
+        inbound: Inbound,
+        reply: UpstreamReply,
+        session: Session,
+        flow: CallFlow | None = None,
+        transform: Transform | None = None,
+    ) -> StreamResponse:
+        """Relay an upstream's stream as SSE, event by event as each arrives (never buffered):
+        a sampling or elicitation request mid-call reaches the agent while the call waits.
+        With a `flow` (a call's answer) its final response is observed (and transformed)."""
+        events = reply.events
+        assert events is not None
+        headers = reply.headers
+        headers["Mcp-Session-Id"] = session.id
+        resp = StreamResponse(status=reply.status, headers=headers)
+        nbytes = 0
+        try:
+            inbound.started = True
+            assert inbound.request is not None
+            await resp.prepare(inbound.request)
+            async for ev in events:
+                raw = ev.raw
+                if ev.final and flow is not None and flow.outcome is None:
+                    raw = self._final_event(flow, ev, transform)
+                elif raw is None:
+                    raw = format_event(orjson.dumps(ev.message))
+                nbytes += len(raw)
+                await resp.write(raw)  # waits while the agent does not read (backpressure)
+            if flow is not None and flow.outcome is None:
+                flow.finish(
+                    "upstream_error", message="upstream closed the stream before answering", nbytes=nbytes
+                )
+        except ConnectionResetError:
+            # the agent went away (or was disconnected for not reading); per spec no cancellation
+            if flow is not None and flow.outcome is None:
+                why = reply.dropped or "client disconnected before the answer"
+                flow.finish("cancelled", message=why, nbytes=nbytes)
+            return resp
+        except UpstreamFailed as exc:
+            if flow is not None and flow.outcome is None:
+                flow.finish("upstream_error", code=exc.code, message=exc.message, nbytes=nbytes)
+                err = jsonrpc.error_bytes(flow.request_id, exc.code, exc.message, exc.data)
+                try:
+                    await resp.write(format_event(err))
+                except ConnectionResetError:
+                    return resp
+        finally:
+            if reply.release is not None:
+                reply.release()
+            await events.aclose()
+        try:
+            await resp.write_eof()
+        except ConnectionResetError:
+            pass
+        return resp
+
+    @staticmethod
+    def _final_event(flow: CallFlow, ev: Event, transform: Transform | None) -> bytes:
+        """The SSE bytes of a call's final response, its outcome recorded."""
+        msg = ev.message
+        assert msg is not None
+        if transform is not None and "result" in msg:
+            msg = transform(msg)
+            data = orjson.dumps(msg)
+            raw = ev.raw
+            if raw is None:
+                raw = format_event(data)
+            else:  # keep the upstream event's other fields (id, event), replace only the data
+                head = b"".join(
+                    line + b"\n"
+                    for line in raw.replace(b"\r\n", b"\n").split(b"\n")
+                    if line and not line.startswith(b"data")
+                )
+                raw = head + b"data: " + data + b"\n\n"
+            flow.observe(msg, len(data))
+            return raw
+        if ev.raw is not None and ev.data is not None:
+            flow.observe(msg, len(ev.data))
+            return ev.raw
+        data = orjson.dumps(msg)
+        flow.observe(msg, len(data))
+        return format_event(data)
+
+    def _answer(self, reply: UpstreamReply, session: Session | None) -> Response:
+        """A whole (non-streamed) upstream answer, relayed with the gateway's session id."""
+        headers = reply.headers
+        if session is not None:
+            headers["Mcp-Session-Id"] = session.id
+        if reply.message is not None:
+            return json_response(reply.message, reply.status, headers)
+        return Response(body=reply.body, status=reply.status, headers=headers)
 
     async def _refuse_notification(
         self, req: Request, msg: dict[str, Any], grant: Grant, server: str, session: Session
@@ -448,7 +653,7 @@ class Proxy:
             jsonrpc.error(flow.request_id, jsonrpc.POLICY_REFUSED, text, detail), headers=headers
         )
 
-    def _tools_filter(self, server: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def _tools_filter(self, server: str) -> Transform:
         policy = self.policies[server]
 
         def transform(msg: dict[str, Any]) -> dict[str, Any]:
@@ -491,23 +696,23 @@ class Proxy:
         )
 
     def _close(self, session: Session, reason: str) -> None:
+        """The one way a session ends (deleted, expired, upstream_gone, shutdown)."""
         if self.sessions.remove(session.id) is not None:
-            self.upstreams[session.server].session_closed(session)
+            self.upstreams[session.server].close_session(session, reason)
             self.addons.session_closed(session, reason)
+
+    def expire_idle(self) -> None:
+        """Close the sessions idle for longer than the timeout; drop the ended rate-limit windows."""
+        for s in self.sessions.idle():
+            self._close(s, "expired")
+        now = self.clock()
+        for limiter in self.limiters.values():
+            limiter.expire(now)
 
     async def expire_sessions(self, interval_s: float = 5.0) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            for s in self.sessions.expired():
-                self.upstreams[s.server].session_closed(s)
-                self.addons.session_closed(s, "expired")
-                forget = getattr(self.upstreams[s.server], "forget", None)
-                if forget is not None:
-                    with contextlib.suppress(Exception):
-                        await forget(s)
-            now = self.clock()
-            for limiter in self.limiters.values():
-                limiter.expire(now)
+            self.expire_idle()
 
     def close_all(self) -> None:
         for s in list(self.sessions):
@@ -519,7 +724,7 @@ _ALIVE = orjson.dumps({"ok": True})
 
 async def health(req: Request) -> Response:
     """Unauthenticated: only that the gateway is alive (counts are behind the admin token)."""
-    return Response(body=_ALIVE, content_type="application/json")
+    return json_response(_ALIVE)
 
 
 def health_detail(proxy: Proxy, admin_token: str) -> Callable[[Request], Any]:
@@ -528,11 +733,11 @@ def health_detail(proxy: Proxy, admin_token: str) -> Callable[[Request], Any]:
     async def handler(req: Request) -> Response:
         given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):
-            return Response(
-                status=401,
-                body=orjson.dumps({"error": "unauthorized", "message": "missing or wrong admin token"}),
-                content_type="application/json",
-                headers={"WWW-Authenticate": 'Bearer realm="ledgergate-admin"'},
+            return json_error(
+                401,
+                "unauthorized",
+                "missing or wrong admin token",
+                {"WWW-Authenticate": 'Bearer realm="ledgergate-admin"'},
             )
         doc = {
             "ok": True,
@@ -540,6 +745,6 @@ def health_detail(proxy: Proxy, admin_token: str) -> Callable[[Request], Any]:
             "inflight": sum(proxy.inflight.values()),
             "servers": sorted(proxy.upstreams),
         }
-        return Response(body=orjson.dumps(doc), content_type="application/json")
+        return json_response(doc)
 
     return handler

@@ -24,7 +24,7 @@ class TestChdbStore(AuditStoreContract):
 async def test_embedded_store_persists_and_reopens(tmp_path: Path) -> None:
     store: AuditStore = await open_store("embedded", tmp_path)
     assert isinstance(store, ChdbStore) and store.path == tmp_path / "clickhouse"
-    await store.insert("audit_calls", [("e1", "c1", "srv")], ["event_id", "call_id", "server"])
+    await store.insert_json("audit_calls", [b'{"event_id":"e1","call_id":"c1","server":"srv"}'])
     await store.ensure_schema()  # idempotent
     await store.close()
     store = await open_store("embedded", tmp_path)

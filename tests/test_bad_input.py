@@ -156,8 +156,7 @@ async def test_missing_session_is_400_and_unknown_session_is_404(gw: RunningGate
 async def test_expired_session_is_404(gw: RunningGateway) -> None:
     sid = await initialize(gw)
     gw.proxy.sessions.idle_timeout_s = 0.0
-    for s in gw.proxy.sessions.expired():
-        gw.proxy.upstreams[s.server].session_closed(s)
+    gw.proxy.expire_idle()
     status, body, _ = await post(
         gw, json={"jsonrpc": "2.0", "id": 2, "method": "ping"}, hdrs=headers(**{"Mcp-Session-Id": sid})
     )

@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import ClientSession, ClientTimeout
-from gateway.edge import App, HttpServer
 
 from consumers import forensics, sqlguard
 from consumers.audit import AuditConsumer
@@ -29,6 +28,7 @@ from consumers.store import AuditStore, QueryLimits, ReadOnlyError, StoreError, 
 from consumers.store.http import HttpStore
 from gateway.admin import add_admin_routes, classify_error
 from gateway.config import Config
+from gateway.edge import App, HttpServer
 from ledgergate.cli.audit import ask_gateway
 from ledgergate.embedded import Embedded
 from schemas import events as E

@@ -426,13 +426,15 @@ async def test_a_client_that_does_not_read_its_get_stream_is_disconnected(gw: Ru
     )
     session = gw.proxy.sessions.get(slow)
     assert session is not None
-    await _wait_for(lambda: session.state.get("get_queue") is not None, "the GET stream")
-    queue = session.state["get_queue"]
+    state = up.state(session)
+    await _wait_for(lambda: state.get_queue is not None, "the GET stream")
+    queue = state.get_queue
+    assert queue is not None
     # answered first, then 400 x 64 KB with no call in flight: they go to the GET streams
     r = await call(gw, "rec", KEY, worker, "flood", {"count": 400, "size": 65536, "after": True}, rid=3)
     assert r["result"]["content"][0]["text"] == "flooding"
     await _wait_for(lambda: queue.overflowed, "the overflow")
     assert queue.nbytes <= up.queue_bytes
-    await _wait_for(lambda: session.state.get("get_queue") is None and session.active == 0, "the disconnect")
+    await _wait_for(lambda: state.get_queue is None and session.active == 0, "the disconnect")
     await sync_point(gw, "rec", KEY, worker)
     writer.close()

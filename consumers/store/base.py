@@ -25,8 +25,6 @@ from datetime import UTC, date, datetime
 from importlib import resources
 from typing import Any, TypeVar
 
-import orjson
-
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 SCHEMA_FILES = ("001_audit.sql", "002_counters.sql", "003_security.sql")
 
@@ -145,14 +143,6 @@ def param_text(value: Any) -> str | None:
     return str(value)
 
 
-def rows_to_json(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
-    """Rows as JSONEachRow bytes (datetimes as ISO 8601; inserts use best_effort parsing)."""
-    cols = [check_identifier(c) for c in columns]
-    return b"".join(
-        orjson.dumps(dict(zip(cols, row, strict=True)), option=orjson.OPT_APPEND_NEWLINE) for row in rows
-    )
-
-
 def normalize_value(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
@@ -204,12 +194,6 @@ class AuditStore(abc.ABC):
         """Insert JSONEachRow lines (each one JSON object, with or without a trailing
         newline); unknown keys are ignored, JSON null becomes the column default.
         Returns the number of lines sent."""
-
-    async def insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> int:
-        """Insert rows (tuples in ``columns`` order)."""
-        if not rows:
-            return 0
-        return await self.insert_json(table, [rows_to_json(columns, rows)])
 
     @abc.abstractmethod
     async def query(

@@ -6,13 +6,12 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from gateway.auth import Grant
 
 SUPPORTED_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
-LATEST_VERSION = "2025-11-25"
 MODERN_VERSIONS = ("2026-07-28",)
 
 
@@ -29,7 +28,7 @@ class Session:
     created: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     active: int = 0  # open requests and streams: an active session never expires
-    state: dict[str, Any] = field(default_factory=dict)  # per-transport state (stdio GET queue...)
+    upstream_gone: bool = False  # the upstream ended its side (HTTP 404): closed at the next request
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
@@ -90,13 +89,9 @@ class SessionRegistry:
         ]
         return max(0.0, min(waits)) if waits else self.idle_timeout_s
 
-    def expired(self) -> list[Session]:
-        """Remove and return the sessions idle for longer than the timeout."""
+    def idle(self) -> list[Session]:
+        """The sessions idle for longer than the timeout (the proxy closes them)."""
         now = self._clock()
-        gone = [
+        return [
             s for s in self._sessions.values() if s.active <= 0 and now - s.last_seen > self.idle_timeout_s
         ]
-        for s in gone:
-            del self._sessions[s.id]
-            self._forget(s)
-        return gone

@@ -10,8 +10,7 @@ Not thread-safe; in asyncio, call `decide()` and `charge()` with no await betwee
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from gateway.policy.engine import CounterKey, Decision
 
@@ -82,30 +81,9 @@ class Limiter:
                     dropped += 1
         return dropped
 
-    def fold(self, charges: Iterable[CounterKey | Any], now: float) -> None:
-        """Rebuild: add the charges of past allowed calls whose window has not ended at `now`.
-
-        Accepts CounterKey or anything with the same attributes (e.g. the event model
-        `schemas.events.CounterCharge`). The caller de-duplicates events (by event_id).
-        """
-        for ch in charges:
-            key = (
-                ch
-                if type(ch) is CounterKey
-                else CounterKey(ch.counter, ch.scope, ch.key, ch.window_s, ch.window_start)
-            )
-            if key.window_start + key.window_s > now:
-                self._add(key)
-
     def add(self, key: CounterKey, n: int) -> None:
         """Rebuild: add `n` charges of one cell (the caller checked its window is open)."""
         self._add(key, n)
-
-    def snapshot(self) -> dict[str, int]:
-        """{"counter:scope:key:window_s:window_start": count} for metrics and debugging."""
-        return {
-            f"{k.counter}:{k.scope}:{k.key}:{k.window_s}:{k.window_start}": c for k, c in self._cells.items()
-        }
 
     def __len__(self) -> int:
         return len(self._cells)

@@ -1,30 +1,105 @@
-"""What every upstream transport offers the proxy (HTTP relay, stdio supervisor)."""
+"""What every upstream transport offers the proxy (HTTP relay, stdio supervisor).
+
+A transport only transports: it forwards what the proxy hands it (an `Inbound`) and
+returns what the upstream said (an `UpstreamReply`: a status, headers, and either one
+JSON body or a stream of events). It never writes the agent's response, never records
+an outcome and never touches the session registry; the proxy does all three.
+"""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import orjson
-from aiohttp.web import RequestKey, Response, StreamResponse
-
 from gateway.edge import Request
-from gateway.mcp import jsonrpc
 
 if TYPE_CHECKING:
-    from gateway.mcp.flow import CallFlow
     from gateway.mcp.sessions import Session
 
-BODY = RequestKey("lg_body", bytes)  # the POSTed body as received
-MESSAGE = RequestKey("lg_msg", dict)  # ... and parsed
-# set once an answer's head went out: an error can only close the connection
-STARTED = RequestKey("lg_started", bool)
 
-# rewrites the final JSON-RPC response of a request (tools/list filtering); None = untouched
-Transform = Callable[[dict[str, Any]], dict[str, Any]] | None
-# called once an initialize was answered by the upstream, before the answer's headers go out
-OnOpen = Callable[["Session"], None] | None
+@dataclass(slots=True, eq=False)
+class Inbound:
+    """One agent message as the proxy parsed and decided on it: what a transport may forward.
+
+    Only `message` goes upstream (re-serialised by the transport), never the agent's bytes.
+    """
+
+    message: dict[str, Any] | None  # None for GET and DELETE
+    headers: Mapping[str, str]  # the agent's headers, case-insensitive (a transport forwards a few)
+    request: Request | None = None  # the agent's connection, to abort (None in unit tests)
+    started: bool = False  # the answer's head went out: an error can only close the connection
+
+    @property
+    def remote(self) -> str | None:
+        return self.request.remote if self.request is not None else None
+
+    @property
+    def accepts_sse(self) -> bool:
+        return "text/event-stream" in self.headers.get("Accept", "")
+
+    def abort(self) -> None:
+        """Close the agent's connection at once (a stream it does not read): its writes then fail."""
+        transport = self.request.transport if self.request is not None else None
+        if transport is not None:
+            transport.abort()
+
+
+@dataclass(slots=True, eq=False)
+class Event:
+    """One message of an upstream's answer stream (an SSE event, or a line of a stdio child)."""
+
+    message: dict[str, Any] | None  # the JSON-RPC message; None when the event carries none
+    raw: bytes | None = (
+        None  # the upstream's own SSE framing, relayed unchanged; None: the proxy frames `message`
+    )
+    data: bytes | None = None  # the message's JSON text as the upstream sent it (with `raw`)
+    final: bool = False  # the response to the forwarded request
+
+
+@dataclass(slots=True, eq=False)
+class UpstreamReply:
+    """What the upstream answered: a status and headers, then a body or a stream of events.
+
+    Exactly one of `body` (bytes as received), `message` (one JSON-RPC message the proxy
+    serialises) and `events` (relayed as SSE, event by event, never buffered) is set, or
+    none (an empty answer, e.g. 202).
+    """
+
+    status: int
+    headers: dict[str, str]  # to relay to the agent (Content-Type...); never Mcp-Session-Id
+    body: bytes | None = None
+    message: dict[str, Any] | None = None
+    events: AsyncGenerator[Event, None] | None = None
+    upstream_session: str | None = None  # the upstream's Mcp-Session-Id, if it gave one
+    release: Callable[[], None] | None = None  # the proxy calls it once done with `events`
+    sent: bool = True  # False: answered without reaching the upstream (a call is then refunded)
+    # set by a transport that disconnected the agent (a stream it did not read): why
+    dropped: str | None = None
+
+
+class Refused(Exception):
+    """An agent message the transport will not forward (answered with `status`, a 4xx)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class UpstreamFailed(Exception):
+    """The upstream could not answer: unreachable, timed out, died, or broke the stream.
+
+    `sent` tells whether the request reached the upstream (a call never sent is refunded).
+    """
+
+    def __init__(self, code: int, message: str, data: dict[str, Any], *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+        self.sent = sent
 
 
 class Upstream(abc.ABC):
@@ -37,55 +112,28 @@ class Upstream(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
-    async def request(
-        self, flow: CallFlow, req: Request, session: Session, transform: Transform, on_open: OnOpen
-    ) -> StreamResponse:
-        """Forward one allowed JSON-RPC request and relay the answer (JSON or a streamed SSE).
+    async def request(self, inbound: Inbound, session: Session, initialize: bool) -> UpstreamReply:
+        """Forward one allowed JSON-RPC request; return the upstream's answer.
 
-        Sets the flow's outcome (flow.observe / flow.finish) before returning, `flow.sent`
-        once the request was handed to the upstream (a call never sent is refunded), and
-        `req[STARTED]` once a streamed answer was prepared.
+        Raises Refused (nothing sent) or UpstreamFailed. A stream's events iterator raises
+        UpstreamFailed when the upstream breaks it, and ConnectionResetError once the
+        transport disconnected the agent (`reply.dropped` says why).
         """
 
     @abc.abstractmethod
-    async def send(self, session: Session, msg: dict[str, Any], req: Request) -> StreamResponse:
-        """Forward a notification or a response from the client; answer 202 or the upstream's status.
+    async def send(self, inbound: Inbound, session: Session) -> UpstreamReply:
+        """Forward a notification or a response from the agent (202, or the upstream's answer).
 
-        Only what the gateway serialises from `msg` goes upstream, never the client's bytes.
+        Only what the gateway serialises from `inbound.message` goes upstream.
         """
 
     @abc.abstractmethod
-    async def open_stream(self, session: Session, req: Request) -> StreamResponse:
-        """The GET server-to-client stream (or 405)."""
+    async def open_stream(self, inbound: Inbound, session: Session) -> UpstreamReply:
+        """The GET server-to-client stream (or the upstream's refusal, e.g. 405)."""
 
     @abc.abstractmethod
-    async def end_session(self, session: Session, req: Request) -> StreamResponse:
-        """DELETE: end the session upstream too."""
+    async def delete(self, inbound: Inbound, session: Session) -> UpstreamReply:
+        """DELETE: end the session upstream; the proxy closes it when this succeeds."""
 
-    def session_closed(self, session: Session) -> None:  # noqa: B027 - optional hook
-        """The gateway dropped the session (DELETE, expiry, shutdown): free what it holds."""
-
-
-def abort_client(req: Request) -> None:
-    """Close a client's connection at once (a stream it does not read): its writes then fail."""
-    transport = req.transport
-    if transport is not None:
-        transport.abort()
-
-
-def json_response(
-    payload: dict[str, Any] | bytes, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-    return Response(body=body, status=status, content_type="application/json", headers=headers)
-
-
-def error_response(
-    status: int,
-    code: int,
-    message: str,
-    id: Any = None,
-    data: Any = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    return json_response(jsonrpc.error_bytes(id, code, message, data), status=status, headers=headers)
+    def close_session(self, session: Session, reason: str) -> None:  # noqa: B027 - optional hook
+        """The gateway ended `session` (deleted, expired, upstream_gone, shutdown): free what it holds."""

@@ -30,37 +30,26 @@ import logging
 import os
 import signal
 import time
+import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
-from aiohttp.web import Response, StreamResponse
 
-from gateway.edge import Request
-from gateway.http.sse import format_event
 from gateway.mcp import jsonrpc
-from gateway.upstreams.base import (
-    MESSAGE,
-    STARTED,
-    OnOpen,
-    Transform,
-    Upstream,
-    abort_client,
-    error_response,
-    json_response,
-)
+from gateway.upstreams.base import Event, Inbound, Refused, Upstream, UpstreamFailed, UpstreamReply
 
 if TYPE_CHECKING:
-    from gateway.mcp.flow import CallFlow
     from gateway.mcp.sessions import Session
 
 log = logging.getLogger("ledgergate.upstream.stdio")
 
 MAX_LINE = 64 << 20
-_FINAL = "final"
-_MESSAGE = "message"
+_FINAL = "final"  # the child's response to a forwarded request
+_MESSAGE = "message"  # a notification or request of the child during a call
+_FAILED = "failed"  # the child died: the payload is an UpstreamFailed
 STREAM_QUEUE_BYTES = 4 << 20  # per client stream: queued bytes before the client is disconnected
 STREAM_QUEUE_MESSAGES = 2048  # ... and queued messages
 MAX_SERVER_REQUESTS = 1024  # server-to-client requests awaiting a client's answer, per child
@@ -70,15 +59,6 @@ T = TypeVar("T")
 
 class UpstreamDown(Exception):
     pass
-
-
-class Refused(Exception):
-    """A client message the gateway will not forward (answered with a 4xx)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class MessageQueue(Generic[T]):
@@ -138,9 +118,20 @@ class MessageQueue(Generic[T]):
 class Pending:
     orig_id: Any
     session: Session | None
-    queue: MessageQueue[tuple[str, dict[str, Any]]]
+    queue: MessageQueue[tuple[str, Any]]  # (_FINAL | _MESSAGE, message) or (_FAILED, UpstreamFailed)
     token: Any = None
     requested_version: Any = None  # for an initialize: the protocolVersion the client asked for
+
+
+@dataclass(slots=True, eq=False)
+class SessionState:
+    """What the stdio transport keeps per gateway session."""
+
+    # the agent's request id (JSON text) -> the child's id, for notifications/cancelled
+    inflight: dict[str | None, int] = field(default_factory=dict)
+    # this session's initialize went to the child: its notifications/initialized goes too
+    forward_initialized: bool = False
+    get_queue: MessageQueue[dict[str, Any] | None] | None = None  # the open GET stream's queue
 
 
 class StdioProcess:
@@ -163,7 +154,6 @@ class StdioProcess:
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
         self._started_at = 0.0
-        self.restarts = 0
         self.closing = False
 
     @property
@@ -211,7 +201,6 @@ class StdioProcess:
             self._failures += 1
             raise UpstreamDown(f"{self.label} could not start {self.up.argv[0]!r}: {exc.strerror}") from None
         self._started_at = time.monotonic()
-        self.restarts += 1
         log.info("%s: started pid %d", self.label, self.proc.pid)
         self._tasks = [
             asyncio.create_task(self._read_stdout(self.proc)),
@@ -225,10 +214,12 @@ class StdioProcess:
         self.pending[uid] = p
         self._write({**self._init_msg, "id": uid})
         try:
-            _, msg = await asyncio.wait_for(p.queue.get(), self.up.timeout_s)
+            kind, msg = await asyncio.wait_for(p.queue.get(), self.up.timeout_s)
         except TimeoutError:
             self.pending.pop(uid, None)
             raise UpstreamDown(f"{self.label} restarted but did not answer initialize") from None
+        if kind == _FAILED:
+            raise UpstreamDown(f"{self.label} restarted but died during initialize: {msg.message}")
         if "error" in msg:
             raise UpstreamDown(f"{self.label} restarted but refused initialize: {msg['error']}")
         if self._initialized_sent:
@@ -252,15 +243,27 @@ class StdioProcess:
             if isinstance(meta, dict) and "progressToken" in meta:
                 p.token = meta["progressToken"]
                 out["params"] = {**params, "_meta": {**meta, "progressToken": uid}}
+        state = self.up.state(session)
         if msg.get("method") == "initialize":
             if self._init_msg is None:
                 self._init_msg = {k: v for k, v in out.items() if k != "id"}
             p.requested_version = (params or {}).get("protocolVersion")
-            session.state["forward_initialized"] = True
+            state.forward_initialized = True
         self.pending[uid] = p
-        session.state.setdefault("inflight", {})[jsonrpc.id_text(p.orig_id)] = uid
+        state.inflight[jsonrpc.id_text(p.orig_id)] = uid
         self._write(out)
         return uid, p
+
+    def cancel(self, uid: int, reason: str) -> None:
+        """Tell the child to stop working on request `uid` (best effort: it may be gone)."""
+        with contextlib.suppress(UpstreamDown):
+            self._write(
+                {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/cancelled",
+                    "params": {"requestId": uid, "reason": reason},
+                }
+            )
 
     def notify(self, msg: dict[str, Any], session: Session) -> None:
         """A client notification or response: checked, then re-serialised for the child.
@@ -273,14 +276,16 @@ class StdioProcess:
             return
         out = jsonrpc.members(msg)
         out.pop("id", None)  # a notification, by construction (the proxy classified it)
+        state = self.up.state(session)
         if method == "notifications/initialized":
-            if not session.state.pop("forward_initialized", False):
+            if not state.forward_initialized:
                 return  # this session got the child's cached initialize result: the child is initialized
+            state.forward_initialized = False
             self._initialized_sent = True
         elif method == "notifications/cancelled":
             params = msg.get("params") or {}
             # only this session's own calls in flight can be cancelled, by their gateway-side id
-            uid = session.state.get("inflight", {}).get(jsonrpc.id_text(params.get("requestId")))
+            uid = state.inflight.get(jsonrpc.id_text(params.get("requestId")))
             if uid is None or uid not in self.pending:
                 return
             out["params"] = {**params, "requestId": uid}
@@ -328,13 +333,12 @@ class StdioProcess:
             return None
         return {"jsonrpc": "2.0", "id": msg.get("id"), "result": result}
 
-    def done(self, uid: int, session: Session | None) -> None:
+    def done(self, uid: int, session: Session) -> None:
         self.pending.pop(uid, None)
-        if session is not None:
-            inflight = session.state.get("inflight", {})
-            for k, v in list(inflight.items()):
-                if v == uid:
-                    del inflight[k]
+        inflight = self.up.state(session).inflight
+        for k, v in list(inflight.items()):
+            if v == uid:
+                del inflight[k]
 
     async def _read_stdout(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -403,7 +407,7 @@ class StdioProcess:
                 break  # that client is being disconnected: a request goes back unanswered below
         delivered = False
         for s in list(self.sessions):
-            q = s.state.get("get_queue")
+            q = self.up.state(s).get_queue
             if q is not None and q.put(msg, size):
                 delivered = True
                 if is_request:
@@ -424,20 +428,11 @@ class StdioProcess:
         if not self.closing:
             log.error("%s: exited with code %s after %.1f s", self.label, rc, lived)
         text = f"{self.label} exited with code {rc} while handling this request"
+        failed = UpstreamFailed(
+            jsonrpc.UPSTREAM_UNAVAILABLE, text, {"upstream": self.up.name, "exit_code": rc}
+        )
         for p in self.pending.values():
-            p.queue.put(
-                (
-                    _FINAL,
-                    jsonrpc.error(
-                        p.orig_id,
-                        jsonrpc.UPSTREAM_UNAVAILABLE,
-                        text,
-                        {"upstream": self.up.name, "exit_code": rc},
-                    ),
-                ),
-                0,
-                force=True,
-            )
+            p.queue.put((_FAILED, failed), 0, force=True)
         self.pending.clear()
         self.server_requests.clear()  # the new child never sent them
 
@@ -481,6 +476,8 @@ class StdioUpstream(Upstream):
         self.queue_bytes = queue_bytes
         self.queue_messages = queue_messages
         self.processes: dict[str, StdioProcess] = {}
+        # per gateway session; weak: a session whose initialize failed is never closed
+        self._states: weakref.WeakKeyDictionary[Session, SessionState] = weakref.WeakKeyDictionary()
 
     def new_queue(self) -> MessageQueue[Any]:
         return MessageQueue(self.queue_messages, self.queue_bytes)
@@ -494,181 +491,112 @@ class StdioUpstream(Upstream):
     async def close(self) -> None:
         await asyncio.gather(*(p.stop() for p in self.processes.values()), return_exceptions=True)
 
-    async def request(
-        self, flow: CallFlow, req: Request, session: Session, transform: Transform, on_open: OnOpen
-    ) -> StreamResponse:
+    def state(self, session: Session) -> SessionState:
+        st = self._states.get(session)
+        if st is None:
+            st = self._states[session] = SessionState()
+        return st
+
+    async def request(self, inbound: Inbound, session: Session, initialize: bool) -> UpstreamReply:
         proc = self.process(session.grant.name)
-        msg = req[MESSAGE]
-        flow.forwarded_at = time.perf_counter()
-        if on_open is not None:
+        msg = inbound.message
+        assert msg is not None
+        if initialize:
             cached = proc.cached_initialize(msg)
-            if cached is not None:
+            if cached is not None:  # the child is initialized: nothing is sent (sent=False)
                 proc.sessions.add(session)
-                on_open(session)
-                flow.observe(cached, 0)
-                return json_response(cached, headers={"Mcp-Session-Id": session.id})
+                return UpstreamReply(200, {}, message=cached, sent=False)
         try:
             uid, p = await proc.call(msg, session)
-            flow.sent = True
         except UpstreamDown as exc:
-            flow.finish("upstream_error", code=jsonrpc.UPSTREAM_UNAVAILABLE, message=str(exc))
-            return error_response(
-                200, jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), flow.request_id, {"upstream": self.name}
-            )
-        session.active += 1
+            raise UpstreamFailed(
+                jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), {"upstream": self.name}, sent=False
+            ) from None
+        streaming = False
         try:
-            return await self._answer(flow, req, session, proc, p, uid, transform, on_open)
+            kind, first = await self._next(proc, p, uid)
+            if kind != _FINAL and not inbound.accepts_sse:
+                while kind != _FINAL:  # a JSON-only client: intermediate messages cannot be delivered
+                    kind, first = await self._next(proc, p, uid)
+            if kind == _FINAL:
+                if initialize and "result" in first:
+                    proc.sessions.add(session)
+                return UpstreamReply(200, {}, message=first)
+            if initialize:
+                proc.sessions.add(session)
+            reply = UpstreamReply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            reply.events = self._stream(proc, p, uid, first)
+            reply.release = lambda: proc.done(uid, session)
+            p.queue.on_overflow = lambda: self._overflow(proc, p, uid, inbound, reply)
+            streaming = True
+            return reply
         finally:
-            session.active -= 1
-            proc.done(uid, session)
+            if not streaming:
+                proc.done(uid, session)
 
-    async def _next(
-        self, flow: CallFlow, proc: StdioProcess, p: Pending, uid: int
-    ) -> tuple[str, dict[str, Any]]:
+    async def _next(self, proc: StdioProcess, p: Pending, uid: int) -> tuple[str, dict[str, Any]]:
+        """The next message of call `uid`; raises UpstreamFailed when the child dies or is late."""
         try:
-            return await asyncio.wait_for(p.queue.get(), self.timeout_s)
+            kind, msg = await asyncio.wait_for(p.queue.get(), self.timeout_s)
         except TimeoutError:
+            proc.cancel(uid, "gateway timeout")
             text = f"{proc.label} did not answer within {self.timeout_s:g} s"
-            with contextlib.suppress(UpstreamDown):
-                proc._write(
-                    {
-                        "jsonrpc": "2.0",
-                        "method": "notifications/cancelled",
-                        "params": {"requestId": uid, "reason": "gateway timeout"},
-                    }
-                )
-            return _FINAL, jsonrpc.error(
-                flow.request_id, jsonrpc.UPSTREAM_TIMEOUT, text, {"upstream": self.name}
-            )
+            raise UpstreamFailed(jsonrpc.UPSTREAM_TIMEOUT, text, {"upstream": self.name}) from None
+        if kind == _FAILED:  # one instance for every call of the dead child: raise a copy
+            raise UpstreamFailed(msg.code, msg.message, msg.data)
+        return kind, msg
 
-    async def _answer(
-        self,
-        flow: CallFlow,
-        req: Request,
-        session: Session,
-        proc: StdioProcess,
-        p: Pending,
-        uid: int,
-        transform: Transform,
-        on_open: OnOpen,
-    ) -> StreamResponse:
-        headers = {"Mcp-Session-Id": session.id}
-        kind, msg = await self._next(flow, proc, p, uid)
-        if kind == _FINAL:
-            return self._final_json(flow, msg, session, proc, transform, on_open, headers)
-        if "text/event-stream" not in req.headers.get("accept", ""):
-            while kind != _FINAL:  # a JSON-only client: intermediate messages cannot be delivered
-                kind, msg = await self._next(flow, proc, p, uid)
-            return self._final_json(flow, msg, session, proc, transform, on_open, headers)
-        if on_open is not None:
-            proc.sessions.add(session)
-            on_open(session)
-        resp = StreamResponse(
-            status=200, headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    async def _stream(
+        self, proc: StdioProcess, p: Pending, uid: int, first: dict[str, Any]
+    ) -> AsyncGenerator[Event, None]:
+        kind, msg = _MESSAGE, first
+        while True:
+            if p.queue.overflowed:
+                raise ConnectionResetError("disconnected: the client did not read its stream")
+            yield Event(msg, final=kind == _FINAL)
+            if kind == _FINAL:
+                return
+            kind, msg = await self._next(proc, p, uid)
+
+    def _overflow(
+        self, proc: StdioProcess, p: Pending, uid: int, inbound: Inbound, reply: UpstreamReply
+    ) -> None:
+        # called by the child's reader: never wait for this client, disconnect it
+        q = p.queue
+        log.warning(
+            "%s: the client of request %s does not read its stream (%d messages, %d bytes queued, "
+            "limit %d/%d): disconnecting it and cancelling the call",
+            proc.label,
+            uid,
+            len(q),
+            q.nbytes,
+            q.max_items,
+            q.max_bytes,
         )
-        req[STARTED] = True
-        await resp.prepare(req)
-        nbytes = 0
+        reply.dropped = (
+            f"the client did not read its stream: over {q.max_bytes} bytes or "
+            f"{q.max_items} messages queued, disconnected"
+        )
+        proc.cancel(uid, "the client does not read its stream")
+        inbound.abort()
 
-        def overflow() -> None:
-            # called by the child's reader: never wait for this client, disconnect it
-            q = p.queue
-            log.warning(
-                "%s: the client of call %s does not read its stream (%d messages, %d bytes queued, "
-                "limit %d/%d): disconnecting it and cancelling the call",
-                proc.label,
-                flow.call_id,
-                len(q),
-                q.nbytes,
-                q.max_items,
-                q.max_bytes,
-            )
-            if flow.outcome is None:
-                flow.finish(
-                    "cancelled",
-                    message=f"the client did not read its stream: over {q.max_bytes} bytes or "
-                    f"{q.max_items} messages queued, disconnected",
-                    nbytes=nbytes,
-                )
-            with contextlib.suppress(UpstreamDown):
-                proc._write(
-                    {
-                        "jsonrpc": "2.0",
-                        "method": "notifications/cancelled",
-                        "params": {"requestId": uid, "reason": "the client does not read its stream"},
-                    }
-                )
-            abort_client(req)
-
-        p.queue.on_overflow = overflow
-        try:
-            while True:
-                if p.queue.overflowed:
-                    raise ConnectionResetError("disconnected: the client did not read its stream")
-                if kind == _FINAL and transform is not None and "result" in msg:
-                    msg = transform(msg)
-                data = orjson.dumps(msg)
-                nbytes += len(data)
-                await resp.write(format_event(data))
-                if kind == _FINAL:
-                    self._observe(flow, msg, len(data))
-                    break
-                kind, msg = await self._next(flow, proc, p, uid)
-            await resp.write_eof()
-        except ConnectionResetError:
-            if flow.outcome is None:
-                flow.finish("cancelled", message="client disconnected before the answer", nbytes=nbytes)
-        return resp
-
-    def _observe(self, flow: CallFlow, msg: dict[str, Any], nbytes: int) -> None:
-        err = msg.get("error")
-        if (
-            isinstance(err, dict)
-            and err.get("code") in (jsonrpc.UPSTREAM_UNAVAILABLE, jsonrpc.UPSTREAM_TIMEOUT)
-            and isinstance(err.get("data"), dict)
-            and err["data"].get("upstream") == self.name
-        ):
-            flow.finish("upstream_error", code=err["code"], message=err.get("message"), nbytes=nbytes)
-        else:
-            flow.observe(msg, nbytes)
-
-    def _final_json(
-        self,
-        flow: CallFlow,
-        msg: dict[str, Any],
-        session: Session,
-        proc: StdioProcess,
-        transform: Transform,
-        on_open: OnOpen,
-        headers: dict[str, str],
-    ) -> Response:
-        if transform is not None and "result" in msg:
-            msg = transform(msg)
-        if on_open is not None and "result" in msg:
-            proc.sessions.add(session)
-            on_open(session)
-        data = orjson.dumps(msg)
-        self._observe(flow, msg, len(data))
-        return json_response(data, headers=headers)
-
-    async def send(self, session: Session, msg: dict[str, Any], req: Request) -> StreamResponse:
+    async def send(self, inbound: Inbound, session: Session) -> UpstreamReply:
         proc = self.process(session.grant.name)
+        assert inbound.message is not None
         try:
             await proc.ensure()
-            proc.notify(msg, session)
-        except Refused as exc:
-            return error_response(exc.status, jsonrpc.INVALID_REQUEST, exc.message, msg.get("id"))
+            proc.notify(inbound.message, session)
         except UpstreamDown as exc:
-            return error_response(502, jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), None, {"upstream": self.name})
-        return Response(status=202)
+            raise UpstreamFailed(jsonrpc.UPSTREAM_UNAVAILABLE, str(exc), {"upstream": self.name}) from None
+        return UpstreamReply(202, {})
 
-    async def open_stream(self, session: Session, req: Request) -> StreamResponse:
-        if session.state.get("get_queue") is not None:
-            return error_response(
-                409, jsonrpc.INVALID_REQUEST, "Conflict: only one GET stream is allowed per session"
-            )
+    async def open_stream(self, inbound: Inbound, session: Session) -> UpstreamReply:
+        state = self.state(session)
+        if state.get_queue is not None:
+            raise Refused(409, "Conflict: only one GET stream is allowed per session")
         q: MessageQueue[dict[str, Any] | None] = self.new_queue()
         proc = self.process(session.grant.name)
+        reply = UpstreamReply(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
 
         def overflow() -> None:
             log.warning(
@@ -681,45 +609,34 @@ class StdioUpstream(Upstream):
                 q.max_items,
                 q.max_bytes,
             )
-            if session.state.get("get_queue") is q:
-                session.state.pop("get_queue", None)  # no more deliveries to this stream
-            abort_client(req)
+            reply.dropped = "the client did not read its GET stream"
+            stop()  # no more deliveries to this stream
+            inbound.abort()
 
-        q.on_overflow = overflow
-        session.state["get_queue"] = q
-        proc.sessions.add(session)
-        resp = StreamResponse(
-            status=200,
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "Mcp-Session-Id": session.id,
-            },
-        )
-        session.active += 1
-        try:
-            req[STARTED] = True
-            await resp.prepare(req)
+        def stop() -> None:
+            if state.get_queue is q:
+                state.get_queue = None
+
+        async def events() -> AsyncGenerator[Event, None]:
             while (msg := await q.get()) is not None:
                 if q.overflowed:
                     raise ConnectionResetError("disconnected: the client did not read its GET stream")
-                await resp.write(format_event(orjson.dumps(msg)))
-            await resp.write_eof()
-        except ConnectionResetError:
-            pass
-        finally:
-            session.active -= 1
-            if session.state.get("get_queue") is q:
-                session.state.pop("get_queue", None)
-        return resp
+                yield Event(msg)
 
-    async def end_session(self, session: Session, req: Request) -> StreamResponse:
-        return Response(status=200)
+        q.on_overflow = overflow
+        state.get_queue = q
+        proc.sessions.add(session)
+        reply.events = events()
+        reply.release = stop
+        return reply
 
-    def session_closed(self, session: Session) -> None:
-        q = session.state.pop("get_queue", None)
-        if q is not None:
-            q.put(None, 0, force=True)
+    async def delete(self, inbound: Inbound, session: Session) -> UpstreamReply:
+        return UpstreamReply(200, {})
+
+    def close_session(self, session: Session, reason: str) -> None:
+        state = self._states.pop(session, None)
+        if state is not None and state.get_queue is not None:
+            state.get_queue.put(None, 0, force=True)
         proc = self.processes.get(session.grant.name)
         if proc is not None:
             proc.forget_session(session)

@@ -15,14 +15,46 @@ import pytest
 
 from consumers import forensics
 from consumers.audit import AuditConsumer
-from consumers.counters import CountersConsumer, minute_counts
-from consumers.store.base import AuditStore, ReadOnlyError
+from consumers.counters import CountersConsumer
+from consumers.store.base import Answer, AuditStore, ReadOnlyError, equal_filters
 from eventlog.base import EventLog
 from schemas import events as E
 
 T0 = datetime(2025, 1, 6, 10, 0, 0, tzinfo=UTC)
 QUOTED_AGENT = 'o\'brien "the" \\agent\t;--'
 RULE_LIMIT = "/tools/open_session/limits/0"
+
+
+async def minute_counts(
+    store: AuditStore,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    server: str | None = None,
+    tool: str | None = None,
+    agent: str | None = None,
+    grant: str | None = None,
+    decision: str | None = None,
+) -> Answer:
+    """(minute, server, tool, grant, agent, decision, count), oldest minute first: the counters
+    consumer's table as an operator reads it."""
+    where, params = equal_filters(
+        {"server": server, "tool": tool, "agent": agent, "grant": grant, "decision": decision}
+    )
+    if since is not None:
+        where.append("minute >= toStartOfMinute({since:DateTime64(3, 'UTC')})")
+        params["since"] = since
+    if until is not None:
+        where.append("minute < {until:DateTime64(3, 'UTC')}")
+        params["until"] = until
+    sql = (
+        "SELECT minute, server, tool, `grant`, agent, decision, uniqExactMerge(calls) AS count\n"
+        "FROM counters_minute\n"
+        + (f"WHERE {' AND '.join(where)}\n" if where else "")
+        + "GROUP BY minute, server, tool, `grant`, agent, decision\n"
+        "ORDER BY minute, server, tool, `grant`, agent, decision"
+    )
+    return await store.query(sql, params)
 
 
 def ms(dt: datetime) -> int:
