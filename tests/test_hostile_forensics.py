@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import ClientSession, ClientTimeout
-from gateway.httpserver import App, HttpServer
 
 from consumers import forensics, sqlguard
 from consumers.audit import AuditConsumer
@@ -29,6 +28,7 @@ from consumers.store import AuditStore, QueryLimits, ReadOnlyError, StoreError, 
 from consumers.store.http import HttpStore
 from gateway.admin import add_admin_routes, classify_error
 from gateway.config import Config
+from gateway.edge import App, HttpServer
 from ledgergate.cli.audit import ask_gateway
 from ledgergate.embedded import Embedded
 from schemas import events as E
@@ -297,6 +297,16 @@ async def test_reads_of_our_tables_still_work(store: AuditStore, embedded: Embed
     # the allowlist is exactly the project's schema: every table/view it creates
     _, tables = await store.query("SELECT name FROM system.tables WHERE database = currentDatabase()")
     assert {t[0] for t in tables} == sqlguard.project_tables()
+
+
+async def test_an_answer_streamed_in_several_blocks_has_each_row_once(store: AuditStore) -> None:
+    """chDB streams one block at a time, each with the names and types lines again: they are
+    column headers, never rows (they came back as rows, and broke datetime columns)."""
+    text = "SELECT call_id, ts FROM audit_calls FINAL UNION ALL SELECT call_id, ts FROM audit_calls FINAL"
+    cols, rows = await forensics.sql(store, text, {})
+    assert cols == ["call_id", "ts"] and len(rows) == 2 * N_CALLS
+    trusted_cols, trusted = await store.query(text)
+    assert cols == trusted_cols and sorted(rows) == sorted(trusted)
 
 
 # ------------------------------------------------------------------ limits

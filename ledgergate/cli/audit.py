@@ -195,6 +195,13 @@ def _revive(value: Any) -> Any:
 
 
 async def ask_gateway(
+    base: str, token: str | None, question: str, params: dict[str, Any], *, unix_socket: str | None = None
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Ask the gateway's admin API at ``base`` (with ``token``, or over ``unix_socket``)."""
+    return await ask_link(GatewayLink(base, token=token, unix_socket=unix_socket), question, params)
+
+
+async def ask_link(
     link: GatewayLink, question: str, params: dict[str, Any]
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Ask the running gateway's admin API; the answer carries ``.lag`` when it is behind."""
@@ -302,7 +309,7 @@ async def ask(cfg: Config, question: str, params: dict[str, Any]) -> tuple[list[
     one, else the store itself (``find_gateway`` says which)."""
     link = await find_gateway(cfg)
     if link is not None:
-        return await ask_gateway(link, question, params)
+        return await ask_link(link, question, params)
     return await ask_local(cfg, question, params)
 
 
