@@ -1,7 +1,10 @@
 """The admin HTTP API: forensic questions and policy reload, JSON, behind a bearer token.
 
 Routes (all need ``Authorization: Bearer <[gateway] admin_token>``; a missing or wrong
-token gets 401 with ``WWW-Authenticate: Bearer``):
+token gets 401 with ``WWW-Authenticate: Bearer``). The same routes are mounted without a
+token (``token=None``) on the gateway's local admin socket (data_dir/admin.sock, mode 0600:
+the file's permissions are the credential); those requests are audited with caller
+``socket`` and, as remote, the peer's ``uid N pid N``:
 
 - ``GET /admin/audit/{who|calls|denials}?tool=&server=&since=&until=&decision=&agent=&grant=&limit=``
 - ``POST /admin/audit/sql`` with ``{"sql": "SELECT ...", "params": {"name": value, ...}}``
@@ -47,6 +50,8 @@ import functools
 import hmac
 import logging
 import re
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -188,11 +193,25 @@ def _recording(answer: AnswerFn) -> AnswerFn:
     return recorded
 
 
-def _audited(addons: Addon, action: str | None, handler: Handler) -> Handler:
+def peer_credentials(req: Request) -> str | None:
+    """``uid N pid N`` of the process at the other end of a Unix socket request (Linux
+    SO_PEERCRED), None when the transport cannot say."""
+    try:
+        sock = req.transport.get_extra_info("socket") if req.transport is not None else None
+        if sock is None or not hasattr(socket, "SO_PEERCRED"):
+            return None
+        pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (OSError, AttributeError, struct.error):
+        return None
+    return f"uid {uid} pid {pid}"
+
+
+def _audited(addons: Addon, action: str | None, handler: Handler, caller: str = "token") -> Handler:
     """``handler`` that reports each request to ``addons`` once answered (see module doc)."""
 
     async def wrapped(req: Request) -> Response:
-        record = AdminRequest(action or req.match_info.get("question", "?"), remote=req.remote)
+        remote = req.remote if caller == "token" else peer_credentials(req)
+        record = AdminRequest(action or req.match_info.get("question", "?"), caller=caller, remote=remote)
         if record.action in QUESTIONS:
             record.filters = {k: v for k, v in req.query.items()}
         elif record.action == "sql":
@@ -230,20 +249,29 @@ def _audited(addons: Addon, action: str | None, handler: Handler) -> Handler:
 
 def add_admin_routes(
     app: App,
-    token: str,
+    token: str | None,
     answer: AnswerFn,
     reload: ReloadFn | None = None,
     addons: Addon | None = None,
+    *,
+    health: Handler | None = None,
 ) -> None:
     """Mount the admin API on ``app`` (see the module doc for routes and the error contract).
-    With ``addons``, every request is reported to them (admin_request / auth_failed)."""
-    if not token:
+    With ``addons``, every request is reported to them (admin_request / auth_failed).
+
+    ``token=None`` mounts it with no authentication, for the owner-only local socket only
+    (never on the TCP listener). ``health`` (a handler) is served as ``GET /admin/health``
+    behind the same check."""
+    if token is not None and not token:
         raise ValueError("the admin API needs a non-empty admin token")
     if addons is not None:
         answer = _recording(answer)
     expected = f"Bearer {token}".encode()
+    caller = "token" if token is not None else "socket"
 
     def authorized(req: Request) -> bool:
+        if token is None:  # the local socket: its file mode let the caller in
+            return True
         given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         return hmac.compare_digest(given, expected)
 
@@ -310,9 +338,18 @@ def add_admin_routes(
         return json_response(results, 422 if any(v is not None for v in results.values()) else 200)
 
     def hooked(action: str | None, handler: Handler) -> Handler:
-        return handler if addons is None else _audited(addons, action, handler)
+        return handler if addons is None else _audited(addons, action, handler, caller)
 
     app.add_get("/admin/audit/{question:who|calls|denials}", hooked(None, audit))
     app.add_post("/admin/audit/sql", hooked("sql", sql))
     if reload is not None:
         app.add_post("/admin/policies/reload", hooked("reload", do_reload))
+    if health is not None:
+        detail = health
+
+        async def guarded_health(req: Request) -> Response:
+            if not authorized(req):
+                return _error(401, "unauthorized", "missing or wrong admin token")
+            return await detail(req)
+
+        app.add_get("/admin/health", guarded_health)

@@ -20,14 +20,22 @@ does not do, all set from ``[gateway]`` (see ``EdgeLimits`` and the README table
     app.cleanup_ctx.append(lifecycle)               # async generator: setup, yield, teardown
     async with HttpServer(app, "127.0.0.1", 8080):  # start(): setup + listen; close(): graceful
         ...
+
+The same server listens on a Unix socket instead: ``HttpServer(app, unix_path=path)`` (owner-only
+from the first instant, a stale file replaced, removed by ``close()``: ``bind_private_unix_socket``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import re
+import socket
+import stat
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -39,7 +47,15 @@ from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-__all__ = ["App", "EdgeLimits", "HttpServer", "Request", "json_error", "json_response"]
+__all__ = [
+    "App",
+    "EdgeLimits",
+    "HttpServer",
+    "Request",
+    "bind_private_unix_socket",
+    "json_error",
+    "json_response",
+]
 
 log = logging.getLogger("ledgergate.http")
 
@@ -368,13 +384,80 @@ class App:
 # ---- the server -------------------------------------------------------------------------------
 
 
+MAX_UNIX_PATH = 107  # sun_path is 108 bytes with its NUL on Linux
+
+
+def bind_private_unix_socket(path: os.PathLike[str] | str) -> socket.socket:
+    """A Unix stream socket bound at ``path``, mode 0600 (owner only) from its first instant,
+    replacing a stale socket file (a killed gateway's) atomically.
+
+    bind() creates the file with the process umask (often world-connectable), and changing
+    the umask would race the other threads creating files. So: bind inside a fresh 0700
+    directory next to ``path``, chmod 0600, then rename onto ``path`` (connecting needs write
+    permission on the file, so nobody else can connect at any point). Refuses to replace
+    anything but a socket, and a socket a live server still answers on (EADDRINUSE)."""
+    path = os.fspath(path)
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise OSError(
+            errno.ENAMETOOLONG,
+            f"socket path too long ({len(os.fsencode(path))} > {MAX_UNIX_PATH} bytes)",
+            path,
+        )
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise OSError(errno.EEXIST, "exists and is not a socket: not replacing it", path)
+        if _answers(path):
+            raise OSError(errno.EADDRINUSE, "another server listens on this socket", path)
+    private = tempfile.mkdtemp(prefix=".s", dir=os.path.dirname(path) or ".")  # 0700
+    tmp = os.path.join(private, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(private)
+    return sock
+
+
+def _answers(path: str) -> bool:
+    """Something accepts connections on the Unix socket ``path`` (a stale file refuses them)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)  # a full backlog (EAGAIN) means a live server too
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            return exc.errno in (errno.EAGAIN, errno.EACCES, errno.EPERM)
+        return True
+
+
 class HttpServer:
-    """Serve ``app`` on host:port. ``start()`` runs the app's setup then listens; ``close()``
+    """Serve ``app`` on host:port, or on the Unix socket ``unix_path`` (owner only, see
+    ``bind_private_unix_socket``). ``start()`` runs the app's setup then listens; ``close()``
     stops accepting, lets in-flight requests finish up to ``shutdown_timeout``, then runs the
-    app's cleanup."""
+    app's cleanup (and removes the socket file, if it is still the one bound)."""
 
     def __init__(
-        self, app: App, host: str, port: int, *, shutdown_timeout: float = 5.0, backlog: int = 1024
+        self,
+        app: App,
+        host: str = "",
+        port: int = 0,
+        *,
+        shutdown_timeout: float = 5.0,
+        backlog: int = 1024,
+        unix_path: os.PathLike[str] | str | None = None,
     ) -> None:
         self.app = app
         self.host = host
@@ -385,6 +468,10 @@ class HttpServer:
         self._server: _Server | None = None
         self._listener: asyncio.AbstractServer | None = None
         self._started = False
+        self.unix_path = None if unix_path is None else os.fspath(unix_path)
+        # the inode of the socket file bound: close() removes the file only while it is still
+        # ours (getsockname() names the temporary path it was bound at, not this one)
+        self._unix_ino: int | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -401,20 +488,43 @@ class HttpServer:
             access_log=None,  # the audit log records calls; an access log line costs per request
         )
         try:
-            self._listener = await loop.create_server(
-                self._server, self.host, self.port, backlog=self.backlog, reuse_address=True
-            )
+            if self.unix_path is not None:
+                sock = bind_private_unix_socket(self.unix_path)
+                with contextlib.suppress(OSError):
+                    self._unix_ino = os.stat(self.unix_path).st_ino
+                try:
+                    self._listener = await loop.create_unix_server(
+                        self._server, sock=sock, backlog=self.backlog
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                self._listener = await loop.create_server(
+                    self._server, self.host, self.port, backlog=self.backlog, reuse_address=True
+                )
         except BaseException:
             self._started = False
+            self._remove_unix_file()
             await self.app.cleanup()
             raise
-        if self.port == 0:
+        if self.unix_path is None and self.port == 0:
             self.port = self._listener.sockets[0].getsockname()[1]
+
+    def _remove_unix_file(self) -> None:
+        path, ino = self.unix_path, self._unix_ino
+        if path is None or ino is None:
+            return
+        self._unix_ino = None
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == ino:  # not a newer gateway's socket
+                os.unlink(path)
 
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        self._remove_unix_file()
         if self._server is not None:
             server, self._server = self._server, None
             server.pre_shutdown()
@@ -426,7 +536,7 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.host}:{self.port}" if self.unix_path is None else "http://localhost"
 
     async def __aenter__(self) -> HttpServer:
         await self.start()

@@ -18,6 +18,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+from aiohttp.web import Response
+
 from consumers import forensics
 from consumers.audit import AuditConsumer
 from consumers.counters import CountersConsumer
@@ -27,9 +30,10 @@ from consumers.store.base import QueryLimits
 from eventlog import open_log
 from eventlog.base import EventLog
 from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
+from gateway.audit.hooks import Addon
 from gateway.audit.writer import AuditAddon, instance_id
 from gateway.config import Config, stdio_command_problem
-from gateway.edge import HttpServer
+from gateway.edge import App, EdgeLimits, HttpServer, Request
 from gateway.policy.rebuild import longest_window_s, rebuild_limiters
 
 log = logging.getLogger("ledgergate")
@@ -231,15 +235,22 @@ class StartupError(RuntimeError):
     """The gateway cannot start: the message says what and where."""
 
 
+ADMIN_SOCKET = "admin.sock"  # in data_dir: the admin API without a token, for the owner only
+_SOCKET_LINE = re.compile(r"^admin_socket (.+)$", re.M)
+
+
 def lock_data_dir(data_dir: Path) -> IO[str]:
     """One process owns an embedded store (chDB) at a time: take an exclusive lock on
-    data_dir/lock or say clearly who holds it and how to stop it."""
+    data_dir/lock or say clearly who holds it and how to stop it.
+
+    The lock file says who holds it: ``ledgergate pid N``, then, once the gateway serves its
+    local admin socket, ``admin_socket PATH`` (``note_admin_socket``)."""
     f = open(data_dir / "lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        holder = f.read().strip() or "another process"
+        holder = f.readline().strip() or "another process"
         f.close()
         m = _PID.search(holder)
         how = (
@@ -261,6 +272,30 @@ def lock_data_dir(data_dir: Path) -> IO[str]:
 _PID = re.compile(r"\bpid (\d+)")
 
 
+def note_admin_socket(lock: IO[str], path: Path) -> None:
+    """Name the admin socket in the lock file (held by this process), for the CLI."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"ledgergate pid {os.getpid()}\nadmin_socket {path}\n")
+    lock.flush()
+
+
+def admin_socket(data_dir: Path) -> tuple[int | None, Path | None]:
+    """(pid, socket path) of the live gateway named in data_dir/lock, when one is; the path is
+    the one the lock names, else data_dir/admin.sock when that file exists (a gateway whose
+    store is not embedded takes no lock). A stale file refuses connections: the caller tries."""
+    pid = data_dir_holder(data_dir)
+    path: Path | None = None
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            m = _SOCKET_LINE.search((data_dir / "lock").read_text())
+            if m is not None:
+                path = Path(m.group(1))
+    if path is None and (data_dir / ADMIN_SOCKET).exists():
+        path = data_dir / ADMIN_SOCKET
+    return pid, path
+
+
 def data_dir_holder(data_dir: Path) -> int | None:
     """The pid of the live process named in data_dir/lock, if any (a hint: the lock is
     taken with flock, which only its holder can see; this never takes it)."""
@@ -278,6 +313,46 @@ def data_dir_holder(data_dir: Path) -> int | None:
     except PermissionError:
         pass  # alive, someone else's
     return pid
+
+
+async def start_admin_socket(cfg: Config, embedded: Embedded, app: App, addon: Addon) -> HttpServer | None:
+    """Serve the admin API (forensics, reload, health detail; never the MCP routes) without a
+    token on data_dir/admin.sock, mode 0600: the CLI of the same user asks the running gateway
+    with no configuration; [gateway] admin_token stays for remote HTTP. Named in the lock file.
+    A socket that cannot be served is an ERROR line, not a refusal to serve agents."""
+    from gateway.admin import add_admin_routes
+    from gateway.proxy import health
+
+    proxy = app[PROXY_KEY]
+
+    async def health_detail(req: Request) -> Response:
+        doc = {
+            "ok": True,
+            "sessions": len(proxy.sessions),
+            "inflight": sum(proxy.inflight.values()),
+            "servers": sorted(proxy.upstreams),
+        }
+        return Response(body=orjson.dumps(doc), content_type="application/json")
+
+    local_app = App(EdgeLimits(max_body_bytes=max(cfg.gateway.max_body_bytes, 1 << 20)))
+    local_app.add_get("/healthz", health)
+    add_admin_routes(local_app, None, embedded.answer, app[POLICIES_KEY].reload, addon, health=health_detail)
+    path = cfg.data_dir.absolute() / ADMIN_SOCKET
+    local = HttpServer(local_app, unix_path=path)
+    try:
+        await local.start()
+    except OSError as exc:
+        log.error(
+            "cannot serve the local admin socket %s: %s; the CLI cannot ask this gateway without "
+            "[gateway] admin_token",
+            path,
+            exc.strerror or exc,
+        )
+        return None
+    if embedded._lock is not None:
+        note_admin_socket(embedded._lock, path)
+    log.info("admin API for the CLI on %s (owner only, no token)", path)
+    return local
 
 
 async def serve(
@@ -314,6 +389,7 @@ async def serve(
         auth_failure_interval_s=cfg.gateway.auth_failure_interval_s,
         auth_failure_max_keys=cfg.gateway.auth_failure_max_keys,
     )
+    local: HttpServer | None = None
     try:
         app = build_app(
             cfg, addons=[addon], clock=clock, admin=embedded.answer if cfg.gateway.admin_token else None
@@ -332,6 +408,7 @@ async def serve(
             await server.start()
         except OSError as exc:
             raise StartupError(f"cannot serve on {cfg.gateway.listen}: {exc.strerror or exc}") from exc
+        local = await start_admin_socket(cfg, embedded, app, addon)
         if stop is None:  # standalone: SIGINT/SIGTERM stop it (tests pass their own event)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -352,8 +429,14 @@ async def serve(
                 await r
         await stop.wait()
         log.info("stopping")
+        if local is not None:
+            local, closing = None, local
+            await closing.close()  # first: no question is asked of a store about to close
         await server.close()
     finally:
+        if local is not None:  # failed or cancelled before a clean stop: still remove the socket
+            with contextlib.suppress(Exception):
+                await local.close()
         with contextlib.suppress(Exception):
             await addon.close()
         await embedded.close()

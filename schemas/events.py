@@ -198,15 +198,16 @@ AdminOutcome = Literal["ok", "refused", "error"]
 
 
 class AdminQuery(_Event):
-    """A forensic question asked over the admin API (caller "token") or by the CLI on the
-    store itself (caller "local"): the auditors are audited."""
+    """A forensic question asked over the admin API with the token (caller "token"), on the
+    gateway's owner-only local socket (caller "socket", remote "uid N pid N"), or by the CLI
+    on the store itself (caller "local"): the auditors are audited."""
 
     kind: Literal["admin.query"] = "admin.query"
     question: AdminQuestion
     sql: str | None = Field(None, description="the SQL text (question sql)")
     params: dict[str, Any] | None = Field(None, description="its {name:Type} parameter values")
     filters: dict[str, str] | None = Field(None, description="the filters of who / calls / denials")
-    caller: Literal["token", "local"]
+    caller: Literal["token", "socket", "local"]
     remote: str | None = None
     outcome: AdminOutcome
     status: int | None = Field(None, description="HTTP status of the answer (None for local)")
@@ -220,7 +221,7 @@ class AdminReload(_Event):
     """A policy reload asked over the admin API (each file's own policy.loaded follows)."""
 
     kind: Literal["admin.reload"] = "admin.reload"
-    caller: Literal["token", "local"] = "token"
+    caller: Literal["token", "socket", "local"] = "token"
     remote: str | None = None
     outcome: AdminOutcome
     status: int | None = None

@@ -1,23 +1,28 @@
 """The first run, as a new user does it (README "Quick start"), as real subprocesses.
 
-A gateway serves the shipped examples/ledgergate.toml unchanged (the real whatsapp-mcp-server
-stdio upstream under .upstreams/); only the listen port, the data dir and the admin token
-come from LEDGERGATE_* environment variables, exactly as the README's quick start passes the
-token. Then the README's client, and `ledgergate audit who|calls|denials -c
-examples/ledgergate.toml` in "a second terminal" (another subprocess with the same env).
+A gateway runs `make run`'s command, `python -m ledgergate run --config CONFIG`, on a copy of
+the shipped examples/ledgergate.toml where only the listen address and the data dir point
+into the test's temp dir (and the upstream command is absolute, as the copy lives elsewhere);
+the real whatsapp-mcp-server stdio upstream under .upstreams/. No admin token anywhere: not in
+the config, not in the environment. Then the README's client, and `ledgergate audit
+who|calls|denials -c CONFIG` in "a second terminal" (another subprocess), which reaches the
+running gateway over its admin socket (data_dir/admin.sock) with no configuration.
 """
 
 from __future__ import annotations
 
 import csv
+import http.client
 import io
 import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 import sys
+import time
 import tomllib
-import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
 from importlib.metadata import requires
@@ -31,7 +36,6 @@ from tests.support.procs import free_port, start_process, stop_process, wait_htt
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = "examples/ledgergate.toml"
 WHATSAPP = ROOT / ".upstreams" / "whatsapp" / "bin" / "whatsapp-mcp"
-TOKEN = "first-run-admin-token"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
@@ -116,20 +120,71 @@ def test_the_example_config_redacts_content_as_the_readme_shows() -> None:
 # ---------------------------------------------------------------- a gateway serving the example
 
 
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over a Unix socket (the gateway's admin socket)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=60)
+        self.path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(self.path)
+
+
+def over_socket(path: Path, method: str, target: str) -> tuple[int, bytes]:
+    conn = UnixHTTPConnection(str(path))
+    try:
+        conn.request(method, target)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def example_copy(work: Path, port: int) -> Path:
+    """examples/ledgergate.toml and its policy in ``work``, only listen and data_dir changed
+    (and the upstream command absolute: paths are relative to the config's folder)."""
+    text = (ROOT / EXAMPLE).read_text()
+    assert "admin_token =" not in text.replace("# admin_token", ""), "the example has no admin token"
+    replaced = {
+        'listen = "127.0.0.1:8080"': f'listen = "127.0.0.1:{port}"',
+        'data_dir = "../.ledgergate"': f'data_dir = "{work / "data"}"',
+        '"../.upstreams/': f'"{ROOT / ".upstreams"}/',
+    }
+    for old, new in replaced.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    (work / "examples").mkdir()
+    shutil.copy(ROOT / "examples" / "policy.json", work / "examples" / "policy.json")
+    cfg = work / "examples" / "ledgergate.toml"
+    cfg.write_text(text)
+    return cfg
+
+
+class Example:
+    def __init__(self, env: dict[str, str], base: str, config: Path, data: Path, stale_ino: int) -> None:
+        self.env, self.base, self.config, self.data, self.stale_ino = env, base, config, data, stale_ino
+
+
 @pytest.fixture(scope="module")
-def example_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], str]]:
-    """`ledgergate run -c examples/ledgergate.toml` (terminal 1) and the env of terminal 2."""
+def example_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Example]:
+    """`make run`'s command on a copy of the example config (terminal 1), and the env of
+    terminal 2. The data dir starts with a stale admin socket, as a killed gateway leaves it."""
     if not WHATSAPP.exists():
         pytest.fail(f"{WHATSAPP} is missing: run scripts/install-upstreams.sh")
     work = tmp_path_factory.mktemp("first-run")
     port = free_port()
-    env = clean_env(
-        LEDGERGATE_GATEWAY_LISTEN=f"127.0.0.1:{port}",
-        LEDGERGATE_GATEWAY_DATA_DIR=str(work / "data"),
-        LEDGERGATE_GATEWAY_ADMIN_TOKEN=TOKEN,
-    )
+    config = example_copy(work, port)
+    data = work / "data"
+    data.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(data / "admin.sock"))  # closed without unlink: the file stays, nobody listens
+    stale_ino = (data / "admin.sock").stat().st_ino
+    env = clean_env()  # no LEDGERGATE_* at all: no admin token, nothing to configure
     handle = start_process(
-        [sys.executable, "-m", "ledgergate.cli.main", "run", "-c", EXAMPLE],
+        [sys.executable, "-m", "ledgergate", "run", "--config", str(config)],
         env=env,
         log_path=work / "gateway.log",
         cwd=ROOT,
@@ -137,16 +192,25 @@ def example_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=90, handle=handle)
-        yield env, f"http://127.0.0.1:{port}"
+        yield Example(env, f"http://127.0.0.1:{port}", config, data, stale_ino)
     finally:
-        stop_process(handle)
+        stop_process(handle, grace=30)
         log = (work / "gateway.log").read_text()
         assert "Traceback" not in log, log
 
 
-def test_quick_start(example_gateway: tuple[dict[str, str], str]) -> None:
-    env, base = example_gateway
-    # terminal 2: the README's client
+def wait_for_a_fresh_minute(margin_s: float = 20.0) -> None:
+    """Return when at least ``margin_s`` remain in the current UTC minute (the seed policy's
+    window is the UTC minute), polling the clock: 12 calls then fall in one minute."""
+    while 60.0 - time.time() % 60.0 < margin_s:
+        time.sleep(0.1)
+
+
+def test_quick_start(example_gateway: Example) -> None:
+    env, base, cfg = example_gateway.env, example_gateway.base, str(example_gateway.config)
+    assert not any(k.startswith("LEDGERGATE_") for k in env)
+    # terminal 2: the README's client, started early enough in a minute for the 10/2 split
+    wait_for_a_fresh_minute()
     client = subprocess.run(
         [sys.executable, "examples/client.py", f"{base}/mcp/whatsapp"],
         cwd=ROOT,
@@ -158,23 +222,23 @@ def test_quick_start(example_gateway: tuple[dict[str, str], str]) -> None:
     assert client.returncode == 0, client.stderr
     sessions = [line for line in client.stdout.splitlines() if line.startswith("open_session #")]
     assert len(sessions) == 12, client.stdout
-    refused_seen = sum("REFUSED" in line for line in sessions)
+    assert sum("REFUSED" in line for line in sessions) == 2, client.stdout
 
-    # audit who: what the client saw, per agent
-    result = ledgergate("audit", "who", "--tool", "open_session", "-c", EXAMPLE, "--format", "json", env=env)
+    # audit who, as the README prints it: the demo agent, 10 allowed and 2 refused
+    table = ledgergate("audit", "who", "--tool", "open_session", "-c", cfg, env=env)
+    assert table.returncode == 0, table.stderr
+    assert "(1 row)" in table.stdout
+    (line,) = [ln for ln in table.stdout.splitlines() if ln.startswith("demo-agent")]
+    assert line.split()[:4] == ["demo-agent", "demo", "10", "2"], table.stdout
+    result = ledgergate("audit", "who", "--tool", "open_session", "-c", cfg, "--format", "json", env=env)
     assert result.returncode == 0, result.stderr
     (row,) = orjson.loads(result.stdout)
-    assert (row["agent"], row["grant"]) == ("demo-agent", "demo")
-    assert (row["allowed"], row["refused"]) == (12 - refused_seen, refused_seen)
+    assert (row["agent"], row["grant"], row["allowed"], row["refused"]) == ("demo-agent", "demo", 10, 2)
     first, last = (datetime.fromisoformat(row[k]) for k in ("first", "last"))
-    if first.replace(second=0, microsecond=0) == last.replace(second=0, microsecond=0):
-        assert (row["allowed"], row["refused"]) == (10, 2)  # one UTC minute: the README's promise
-    table = ledgergate("audit", "who", "--tool", "open_session", "-c", EXAMPLE, env=env)
-    assert table.returncode == 0, table.stderr
-    assert "demo-agent" in table.stdout and "(1 row)" in table.stdout
+    assert first.replace(second=0, microsecond=0) == last.replace(second=0, microsecond=0)
 
     # audit calls: 12 open_session + send_message (its content redacted), newest first
-    result = ledgergate("audit", "calls", "-c", EXAMPLE, "--format", "json", env=env)
+    result = ledgergate("audit", "calls", "-c", cfg, "--format", "json", env=env)
     assert result.returncode == 0, result.stderr
     calls = orjson.loads(result.stdout)
     assert calls[0]["tool"] == "send_message"
@@ -183,37 +247,83 @@ def test_quick_start(example_gateway: tuple[dict[str, str], str]) -> None:
     assert send["decision"] == "deny" and orjson.loads(send["arguments"])["content"] == "[REDACTED]"
 
     # audit denials: the rate limit and the default deny
-    result = ledgergate("audit", "denials", "-c", EXAMPLE, "--format", "csv", env=env)
+    result = ledgergate("audit", "denials", "-c", cfg, "--format", "csv", env=env)
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     by_tool = {r["tool"]: r for r in rows}
     assert by_tool["send_message"]["rule"] == "/default" and by_tool["send_message"]["count"] == "1"
-    if refused_seen:
-        assert by_tool["open_session"]["rule"] == "/tools/open_session/limits/0"
-        assert by_tool["open_session"]["count"] == str(refused_seen)
+    assert by_tool["open_session"]["rule"] == "/tools/open_session/limits/0"
+    assert by_tool["open_session"]["count"] == "2"
+
+    # every question went over the admin socket, and the gateway audited it as such
+    result = ledgergate(
+        "audit",
+        "sql",
+        "SELECT question, caller, count() AS n, min(remote) AS remote FROM audit_admin "
+        "WHERE kind = 'admin.query' GROUP BY question, caller ORDER BY question",
+        "-c",
+        cfg,
+        "--format",
+        "json",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    asked = {(r["question"], r["caller"]): r for r in orjson.loads(result.stdout)}
+    assert set(asked) == {("who", "socket"), ("calls", "socket"), ("denials", "socket")}, asked
+    assert asked[("who", "socket")]["n"] == 2
+    assert re.fullmatch(rf"uid {os.getuid()} pid \d+", asked[("who", "socket")]["remote"])
 
 
-def test_calls_fit_the_terminal_and_wide_shows_every_column(
-    example_gateway: tuple[dict[str, str], str],
+def test_the_admin_socket_is_owner_only_named_in_the_lock_and_replaced_the_stale_one(
+    example_gateway: Example,
 ) -> None:
-    env, _ = example_gateway
-    narrow = ledgergate("audit", "calls", "-c", EXAMPLE, env={**env, "COLUMNS": "100"})
+    sock = example_gateway.data / "admin.sock"
+    st = sock.lstat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.getuid()
+    assert st.st_ino != example_gateway.stale_ino  # the stale file of a killed gateway was replaced
+    lock = (example_gateway.data / "lock").read_text().splitlines()
+    assert re.fullmatch(r"ledgergate pid \d+", lock[0]) and lock[1] == f"admin_socket {sock}", lock
+    # it serves the admin routes without a token, and never the agents' MCP routes
+    status, body = over_socket(sock, "GET", "/admin/health")
+    assert status == 200 and orjson.loads(body)["servers"] == ["whatsapp"]
+    status, _ = over_socket(sock, "POST", "/mcp/whatsapp")
+    assert status == 404
+    # and the TCP listener has no admin API at all (no admin_token configured)
+    status, _ = over_socket_tcp(example_gateway.base, "GET", "/admin/audit/denials")
+    assert status == 404
+
+
+def over_socket_tcp(base: str, method: str, target: str) -> tuple[int, bytes]:
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request(method, target)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_calls_fit_the_terminal_and_wide_shows_every_column(example_gateway: Example) -> None:
+    env, cfg = example_gateway.env, str(example_gateway.config)
+    narrow = ledgergate("audit", "calls", "-c", cfg, env={**env, "COLUMNS": "100"})
     assert narrow.returncode == 0, narrow.stderr
     lines = narrow.stdout.splitlines()
     assert max(len(line) for line in lines) <= 100, "\n".join(lines)
     header = lines[0].split()
     assert header == ["ts", "call", "tool", "agent", "result", "ms", "arguments"], lines[0]
-    full = orjson.loads(ledgergate("audit", "calls", "-c", EXAMPLE, "--format", "json", env=env).stdout)
+    full = orjson.loads(ledgergate("audit", "calls", "-c", cfg, "--format", "json", env=env).stdout)
     call_id = full[0]["call_id"]
     assert len(call_id) == 36 and call_id not in narrow.stdout and call_id[-8:] in narrow.stdout
-    wide = ledgergate("audit", "calls", "--wide", "-c", EXAMPLE, env={**env, "COLUMNS": "400"})
+    wide = ledgergate("audit", "calls", "--wide", "-c", cfg, env={**env, "COLUMNS": "400"})
     assert wide.returncode == 0, wide.stderr
     assert call_id in wide.stdout and "session" in wide.stdout and "rule" in wide.stdout
 
 
-def test_timestamps_are_one_format_in_table_json_and_csv(example_gateway: tuple[dict[str, str], str]) -> None:
-    env, _ = example_gateway
-    args = ("audit", "who", "--tool", "open_session", "-c", EXAMPLE)
+def test_timestamps_are_one_format_in_table_json_and_csv(example_gateway: Example) -> None:
+    env, cfg = example_gateway.env, str(example_gateway.config)
+    args = ("audit", "who", "--tool", "open_session", "-c", cfg)
     (row,) = orjson.loads(ledgergate(*args, "--format", "json", env=env).stdout)
     (csv_row,) = list(csv.DictReader(io.StringIO(ledgergate(*args, "--format", "csv", env=env).stdout)))
     table = ledgergate(*args, env={**env, "COLUMNS": "200"}).stdout
@@ -223,33 +333,21 @@ def test_timestamps_are_one_format_in_table_json_and_csv(example_gateway: tuple[
         assert row[key] in table
 
 
-def test_unknown_server_is_an_error_listing_the_known_ones(
-    example_gateway: tuple[dict[str, str], str],
-) -> None:
-    env, _ = example_gateway
-    result = ledgergate(
-        "audit", "who", "--tool", "open_session", "--server", "nosuch", "-c", EXAMPLE, env=env
-    )
+def test_unknown_server_is_an_error_listing_the_known_ones(example_gateway: Example) -> None:
+    env, cfg = example_gateway.env, str(example_gateway.config)
+    result = ledgergate("audit", "who", "--tool", "open_session", "--server", "nosuch", "-c", cfg, env=env)
     assert result.returncode == 2, result.stdout
     assert "unknown server 'nosuch'" in result.stderr and "whatsapp" in result.stderr
 
 
-def test_policy_reload_answers_200_when_every_policy_loaded(
-    example_gateway: tuple[dict[str, str], str],
-) -> None:
-    _, base = example_gateway
-    req = urllib.request.Request(
-        f"{base}/admin/policies/reload", method="POST", headers={"Authorization": f"Bearer {TOKEN}"}
-    )
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        assert resp.status == 200 and orjson.loads(resp.read()) == {"whatsapp": None}
+def test_policy_reload_answers_200_when_every_policy_loaded(example_gateway: Example) -> None:
+    status, body = over_socket(example_gateway.data / "admin.sock", "POST", "/admin/policies/reload")
+    assert status == 200 and orjson.loads(body) == {"whatsapp": None}
 
 
-def test_a_second_run_names_the_gateway_holding_the_data_dir(
-    example_gateway: tuple[dict[str, str], str],
-) -> None:
-    env, _ = example_gateway
-    second = ledgergate("run", "-c", EXAMPLE, "--listen", f"127.0.0.1:{free_port()}", env=env)
+def test_a_second_run_names_the_gateway_holding_the_data_dir(example_gateway: Example) -> None:
+    env, cfg = example_gateway.env, str(example_gateway.config)
+    second = ledgergate("run", "-c", cfg, "--listen", f"127.0.0.1:{free_port()}", env=env)
     assert second.returncode == 3, second.stderr
     m = re.search(
         r"in use by ledgergate pid (\d+) \(another gateway holds it\): stop it with `kill (\d+)`",

@@ -299,6 +299,16 @@ async def test_reads_of_our_tables_still_work(store: AuditStore, embedded: Embed
     assert {t[0] for t in tables} == sqlguard.project_tables()
 
 
+async def test_an_answer_streamed_in_several_blocks_has_each_row_once(store: AuditStore) -> None:
+    """chDB streams one block at a time, each with the names and types lines again: they are
+    column headers, never rows (they came back as rows, and broke datetime columns)."""
+    text = "SELECT call_id, ts FROM audit_calls FINAL UNION ALL SELECT call_id, ts FROM audit_calls FINAL"
+    cols, rows = await forensics.sql(store, text, {})
+    assert cols == ["call_id", "ts"] and len(rows) == 2 * N_CALLS
+    trusted_cols, trusted = await store.query(text)
+    assert cols == trusted_cols and sorted(rows) == sorted(trusted)
+
+
 # ------------------------------------------------------------------ limits
 
 

@@ -277,8 +277,14 @@ class ChdbStore(AuditStore):
         over_bytes = False
         try:
             stream = conn.send_query(text, "JSONCompactEachRowWithNamesAndTypes", params=escaped)
+            head = b""
             for chunk in stream:
                 data = chunk.bytes()
+                # every streamed block repeats the names and types lines: keep the first only
+                if not head and data.count(b"\n") >= 2:
+                    head = b"\n".join(data.split(b"\n", 2)[:2]) + b"\n"
+                elif head and data.startswith(head):
+                    data = data[len(head) :]
                 chunks.append(data)
                 size += len(data)
                 lines += data.count(b"\n")

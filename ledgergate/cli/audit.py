@@ -3,9 +3,10 @@
 Part of the CLI composition root (it may wire gateway and consumers together).
 
 While a gateway runs it holds the embedded store (one chDB data dir per process), so
-`audit` asks it over the admin API when the config has ``[gateway] admin_token`` and a
-gateway answers ``GET /healthz`` at ``[gateway] listen``; with no gateway running it opens
-the log and store itself (``ledgergate.embedded.Embedded``), folds what the consumers have not
+`audit` asks it over the admin API: on its local socket (data_dir/admin.sock, named in
+data_dir/lock; owner only, no token), else over TCP at ``[gateway] listen`` with ``[gateway]
+admin_token`` (``ledgergate.cli.link.find_gateway``); with no gateway running it opens the
+log and store itself (``ledgergate.embedded.Embedded``), folds what the consumers have not
 yet folded, answers and closes. `replay` only runs with no gateway running.
 
 Output: timestamps are RFC 3339 UTC with milliseconds and ``Z`` in every format
@@ -36,10 +37,17 @@ import orjson
 from gateway.admin import classify_error
 from gateway.audit.hooks import AdminRequest
 from gateway.config import Config, ConfigError, load_config
+from ledgergate.cli.link import (  # noqa: F401  (gateway_answers, gateway_url: this module's API too)
+    HEALTH_TIMEOUT_S,
+    CliError,
+    GatewayLink,
+    find_gateway,
+    gateway_answers,
+    gateway_url,
+)
 from schemas.events import Decision
 
 FORMATS = ("table", "json", "csv")
-HEALTH_TIMEOUT_S = 1.5
 _PARAM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # orjson's datetime form, as the admin API sends DateTime values
 _ISO_DT = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(\+00:00|Z)$")
@@ -49,12 +57,6 @@ _LABEL = {
     "query_error": "query error",
     "store_unavailable": "store error",
 }
-
-
-class CliError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 # ---------------------------------------------------------------- argument types
@@ -186,41 +188,6 @@ def question_params(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 # ---------------------------------------------------------------- gateway or local store
 
 
-def gateway_url(cfg: Config) -> str:
-    host = cfg.gateway.host
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{cfg.gateway.port}"
-
-
-def _session(
-    timeout: aiohttp.ClientTimeout, token: str | None = None, unix_socket: str | None = None
-) -> aiohttp.ClientSession:
-    """An HTTP session toward the gateway: over TCP at ``base`` with the admin token, or
-    (``unix_socket``) over the gateway's local socket, where no token is needed."""
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    connector = aiohttp.UnixConnector(path=unix_socket) if unix_socket else None
-    return aiohttp.ClientSession(timeout=timeout, headers=headers, connector=connector)
-
-
-async def gateway_answers(
-    base: str, timeout_s: float = HEALTH_TIMEOUT_S, *, unix_socket: str | None = None
-) -> bool:
-    """A ledgergate gateway answers GET /healthz at ``base`` (``{"ok": true, ...}``)."""
-    try:
-        async with (
-            _session(aiohttp.ClientTimeout(total=timeout_s), unix_socket=unix_socket) as http,
-            http.get(f"{base}/healthz") as resp,
-        ):
-            if resp.status != 200:
-                return False
-            doc = orjson.loads(await resp.read())
-            return isinstance(doc, dict) and doc.get("ok") is True
-    except (aiohttp.ClientError, TimeoutError, OSError, orjson.JSONDecodeError):
-        return False
-
-
 def _revive(value: Any) -> Any:
     if isinstance(value, str) and _ISO_DT.match(value):
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
@@ -230,24 +197,32 @@ def _revive(value: Any) -> Any:
 async def ask_gateway(
     base: str, token: str | None, question: str, params: dict[str, Any], *, unix_socket: str | None = None
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Ask the gateway's admin API at ``base`` (with ``token``, or over ``unix_socket``)."""
+    return await ask_link(GatewayLink(base, token=token, unix_socket=unix_socket), question, params)
+
+
+async def ask_link(
+    link: GatewayLink, question: str, params: dict[str, Any]
+) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Ask the running gateway's admin API; the answer carries ``.lag`` when it is behind."""
     from consumers.forensics import Lag, LaggedAnswer
 
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=600)
+    where = link.where
     try:
-        async with _session(timeout, token, unix_socket) as http:
+        async with link.session(timeout) as http:
             if question == "sql":
                 req = http.post(
-                    f"{base}/admin/audit/sql",
+                    link.url("/admin/audit/sql"),
                     data=orjson.dumps(params),
                     headers={"Content-Type": "application/json"},
                 )
             else:
-                req = http.get(f"{base}/admin/audit/{question}", params=params)
+                req = http.get(link.url(f"/admin/audit/{question}"), params=params)
             async with req as resp:
                 status, body = resp.status, await resp.read()
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise CliError(3, f"gateway at {base}: {type(exc).__name__}: {exc}") from None
+        raise CliError(3, f"{where}: {type(exc).__name__}: {exc}") from None
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -268,14 +243,13 @@ async def ask_gateway(
     if status == 401:
         raise CliError(
             2,
-            f"the gateway at {base} refused the admin token: does [gateway] admin_token "
-            "match the running gateway's?",
+            f"{where} refused the admin token: does [gateway] admin_token match the running gateway's?",
         )
     if status == 404:
-        raise CliError(3, f"the gateway at {base} serves no admin API (started without admin_token?)")
+        raise CliError(3, f"{where} serves no admin API (started without admin_token?)")
     if status == 400:
         raise CliError(2, f"{_LABEL.get(kind or '', 'bad request')}: {message}")
-    raise CliError(3, f"gateway at {base}: HTTP {status}: {message or body[:200].decode(errors='replace')}")
+    raise CliError(3, f"{where}: HTTP {status}: {message or body[:200].decode(errors='replace')}")
 
 
 async def ask_local(
@@ -331,20 +305,11 @@ async def _open(cfg: Config) -> Any:
 
 
 async def ask(cfg: Config, question: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Ask the running gateway (admin API) if there is one, else the store itself.
-
-    Finding the gateway is this function's job only: today over TCP at [gateway] listen with
-    the admin token; a local socket goes here too (``unix_socket=`` of gateway_answers and
-    ask_gateway, where no token is needed)."""
-    base = gateway_url(cfg)
-    if await gateway_answers(base):
-        if not cfg.gateway.admin_token:
-            raise CliError(
-                2,
-                f"a gateway is running at {base} and holds the store: set [gateway] admin_token in "
-                f"{cfg.source} (and restart the gateway) to ask it over the admin API, or stop it",
-            )
-        return await ask_gateway(base, cfg.gateway.admin_token, question, params)
+    """Ask the running gateway (its admin socket, else TCP with the admin token) if there is
+    one, else the store itself (``find_gateway`` says which)."""
+    link = await find_gateway(cfg)
+    if link is not None:
+        return await ask_link(link, question, params)
     return await ask_local(cfg, question, params)
 
 
@@ -502,11 +467,13 @@ async def replay(cfg: Config, from_offset: int) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    base = gateway_url(cfg)
-    if await gateway_answers(base):
-        raise CliError(
-            2, f"a gateway is running at {base} and holds the embedded store: stop it, then run replay"
-        )
+    try:
+        link = await find_gateway(cfg)
+        running = link.where if link is not None else None
+    except CliError:  # one runs, even if this CLI cannot ask it
+        running = "a gateway"
+    if running is not None:
+        raise CliError(2, f"{running} holds the embedded store: stop it, then run replay")
     embedded = await _open(cfg)
     try:
         end = await embedded.log.end_position()

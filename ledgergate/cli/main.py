@@ -259,13 +259,8 @@ def banner(cfg: Config) -> str:
             "",
         ]
     config = _short(str(cfg.source))
-    if cfg.gateway.admin_token:
-        lines.append(f"Who called what, from another terminal: ledgergate audit who --tool TOOL -c {config}")
-    else:
-        lines.append(
-            "Forensics while it runs need [gateway] admin_token (or LEDGERGATE_GATEWAY_ADMIN_TOKEN) "
-            f"here and in the CLI's environment: ledgergate audit who --tool TOOL -c {config}"
-        )
+    # the CLI asks this gateway over data_dir/admin.sock: no token, nothing to set
+    lines.append(f"Who called what, from another terminal: ledgergate audit who --tool TOOL -c {config}")
     return "\n".join(lines)
 
 
