@@ -150,7 +150,11 @@ class Embedded:
         """A --server filter that names no server is a typo, not an empty answer."""
         if server in self.cfg.servers:
             return
-        _, rows = await self.store.query("SELECT DISTINCT server FROM audit_calls ORDER BY server")
+        # audit_auth_failures too: failed logins name the server of the URL they tried
+        _, rows = await self.store.query(
+            "SELECT server FROM (SELECT DISTINCT server FROM audit_calls"
+            " UNION DISTINCT SELECT DISTINCT server FROM audit_auth_failures) ORDER BY server"
+        )
         seen = [r[0] for r in rows]
         if server in seen:
             return
