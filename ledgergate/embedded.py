@@ -318,7 +318,7 @@ async def serve(
         proxy = app[PROXY_KEY]
         t0 = time.perf_counter()
         folded = await rebuild_limiters(
-            embedded.log, proxy.limiters, longest_window_s(app[POLICIES_KEY]), clock()
+            embedded.log, proxy.limiters, longest_window_s(app[POLICIES_KEY]), proxy.clock()
         )
         log.info(
             "rate-limit counters rebuilt from the log: %d charges in %.3f s", folded, time.perf_counter() - t0
