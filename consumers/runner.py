@@ -14,6 +14,7 @@ import orjson
 
 from consumers.store.base import AuditStore, StoreError
 from eventlog.base import EventLog, Record
+from eventlog.ratelog import AggregatingLog
 from schemas.events import EVENT_KINDS, decode_raw
 
 log_ = logging.getLogger(__name__)
@@ -189,6 +190,7 @@ class LogConsumer:
 
 
 RETRY_FIRST_S = 0.25
+_STOPPED = AggregatingLog(log, 10.0)  # a store down for minutes: one line per interval, with counts
 RETRY_MAX_S = 2.0  # a store back from an outage is written to within ~2 s, not 30
 
 
@@ -206,8 +208,12 @@ async def supervise(consumer: LogConsumer, *, max_delay_s: float = RETRY_MAX_S) 
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error(
-                "%s stopped (%s); retrying in %.1f s, events wait in the log", consumer.name, exc, delay
+            _STOPPED.error(
+                f"{consumer.name} consumer stopped",
+                "%s stopped (%s); retrying in %.1f s, events wait in the log",
+                consumer.name,
+                exc,
+                delay,
             )
             consumer._poke.clear()
             with contextlib.suppress(TimeoutError):
