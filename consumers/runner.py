@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -109,12 +110,21 @@ class LogConsumer:
 
     async def _consume(self, records: Sequence[Record], *, commit: bool = True) -> None:
         await self.process(records)
+        await self.record_position(records[-1].offset + 1)
         if commit:
             await self.log.commit(self.name, records[-1].offset + 1)
         self.processed += len(records)
         if commit:
             self.position = records[-1].offset + 1
             self._advanced.set()
+
+    async def record_position(self, next_offset: int) -> None:
+        """The store remembers how far the log reached (schemas/clickhouse/004_positions.sql):
+        a log that later ends below it went backwards, and start-up says so."""
+        row = orjson.dumps(
+            {"consumer": self.name, "next_offset": next_offset, "ts_ms": time.time_ns() // 1_000_000}
+        )
+        await self.store.insert_json("log_positions", [row])
 
     async def wait_for(self, offset: int) -> None:
         """Wait until this consumer (running its `run()` loop) has consumed up to `offset`."""

@@ -148,3 +148,80 @@ async def test_batched_sigterm_with_the_log_disk_full_loses_no_record(small_fs: 
     # every call the upstream executed has its call.decided on the log, once
     assert set(executed) <= set(decided), sorted(set(executed) - set(decided))
     assert len(decided) == len(set(decided))
+
+
+ADMIN = "admin-token-0123456789"
+
+
+async def test_deleted_wal_after_sigkill_is_reported_and_the_limit_holds(tmp_path: Path) -> None:
+    import json
+
+    from tests.support.procs import start_process
+    from tests.test_audit_e2e import cli
+
+    record = tmp_path / "received.txt"
+    record.touch()
+    path = write_config(
+        tmp_path,
+        servers={"rec": {"command": [sys.executable, str(RECORDER)], "env": {"RECORD_FILE": str(record)}}},
+        policies={"rec": policy(10, "hour")},  # the seed's 10, over an hour: no window edge mid-test
+        grants=KEYS,
+        gateway={"admin_token": ADMIN},
+    )
+    data = tmp_path / "data"
+    gw, base = start_gateway_process(path, tmp_path / "gateway-1.log")
+    try:
+        async with client(base, "rec", KEYS["alice"]) as c:
+            seen = [(await c.call_tool("open_session", {"n": f"a{i}"})).is_error for i in range(10)]
+        assert seen == [False] * 10
+        # the store holds them (the answer waits for the consumers), then the crash
+        who = await cli(path, "audit", "who", "--tool", "open_session", "--format", "json")
+        assert [(r["allowed"], r["refused"]) for r in who] == [(10, 0)]
+        os.kill(gw.proc.pid, 9)
+        gw.proc.wait(10)
+    finally:
+        stop_process(gw)
+    for suffix in ("-wal", "-shm"):
+        (data / f"events.db{suffix}").unlink(missing_ok=True)
+
+    # strict: refuses to serve, naming the flag
+    refused = start_process(
+        [sys.executable, "-m", "ledgergate", "run", "--config", str(path)],
+        log_path=tmp_path / "gateway-2.log",
+    )
+    try:
+        assert refused.proc.wait(120) == 3
+    finally:
+        stop_process(refused)
+    out = (tmp_path / "gateway-2.log").read_text()
+    assert "EVENT LOG WENT BACKWARDS" in out and "--accept-log-gap" in out, out[-3000:]
+    assert "error: the event log" in out and "records lost" in out
+
+    # with the flag: it serves, reports the gap as an event, and the spent hour stays spent
+    env = {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    gw = start_process(
+        [sys.executable, "-m", "ledgergate", "run", "--accept-log-gap", "--config", str(path)],
+        env=env,
+        log_path=tmp_path / "gateway-3.log",
+    )
+    try:
+        from tests.support.procs import wait_http
+
+        wait_http(f"{base}/healthz", timeout=60, handle=gw)
+        async with client(base, "rec", KEYS["alice"]) as c:
+            after = await c.call_tool("open_session", {"n": "after"})
+        assert after.is_error and after.structured_content["rule"] == "/tools/open_session/limits/0"
+        assert after.structured_content["counter"]["count"] == 10
+    finally:
+        stop_process(gw, grace=30)
+    out = (tmp_path / "gateway-3.log").read_text()
+    assert "10 counter charges folded from the store" in out, out[-3000:]
+    assert sorted(record.read_text().split()) == sorted(f"a{i}" for i in range(10))  # nothing more ran
+    gaps = [e for e in await log_events(data) if e.get("kind") == "log.gap"]
+    assert len(gaps) == 1 and gaps[0]["lost"] > 0 and gaps[0]["accepted_by"] == "flag"
+    assert gaps[0]["counters_from_store"] == 10
+    # accepted once: the next start serves without the flag and reports no gap
+    gw, base = start_gateway_process(path, tmp_path / "gateway-4.log")
+    stop_process(gw, grace=30)
+    assert "WENT BACKWARDS" not in (tmp_path / "gateway-4.log").read_text()
+    json.dumps(gaps)  # the event is plain JSON
