@@ -23,6 +23,7 @@ import orjson
 
 from consumers import forensics
 from consumers.audit import AuditConsumer
+from consumers.check import AUDIT_TABLES, COUNTER_TABLES, ProjectionCheck
 from consumers.counters import CountersConsumer
 from consumers.runner import supervise
 from consumers.store import AuditStore, ReadOnlyError, StoreError, open_store
@@ -54,6 +55,10 @@ class Embedded:
         self.counters = CountersConsumer(eventlog, store)
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: IO[str] | None = None
+        self.checker = ProjectionCheck(
+            eventlog, store, {self.audit: AUDIT_TABLES, self.counters: COUNTER_TABLES}
+        )
+        self._checked = False  # without running consumers (the CLI): checked once, before answering
         self.gap: LogGap | None = None  # the log went backwards (find_log_gap), not yet accepted
         # a forensic answer waits at most this long for running consumers to catch up,
         # then answers from the tables as they are and says how far behind they are
@@ -92,6 +97,7 @@ class Embedded:
             self._tasks = [
                 asyncio.create_task(supervise(self.audit), name="audit-consumer"),
                 asyncio.create_task(supervise(self.counters), name="counters-consumer"),
+                asyncio.create_task(self.checker.run(cfg.store.check_interval_s), name="projection-check"),
             ]
         return self
 
@@ -194,6 +200,9 @@ class Embedded:
         else:
             await self.audit.catch_up()
             await self.counters.catch_up()
+            if not self._checked:  # the CLI on the store itself: a damaged table is rebuilt first
+                self._checked = True
+                await self.checker.check(background=False)
 
     async def answer(self, question: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
         """A forensic question. Raises ValueError for bad input (an unknown --server too),
@@ -211,7 +220,9 @@ class Embedded:
         lag = await forensics.lag_behind(
             self.log, [self.audit.name, self.counters.name], int(time.time() * 1000)
         )
-        return forensics.LaggedAnswer(columns, rows, lag)
+        answer = forensics.LaggedAnswer(columns, rows, lag)
+        answer.rebuilding = self.checker.rebuilding()  # never silently partial
+        return answer
 
     async def _known_server(self, server: str) -> None:
         """A --server filter that names no server is a typo, not an empty answer."""
@@ -276,6 +287,7 @@ class Embedded:
         raise ValueError(f"unknown question {question!r}; one of {', '.join(QUESTIONS)}")
 
     async def close(self) -> None:
+        await self.checker.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
