@@ -273,10 +273,12 @@ class LaggedAnswer(tuple):
     """An ``Answer`` (unpacks as ``columns, rows``) that also says how far behind it is."""
 
     lag: Lag | None
+    rebuilding: Any = None  # consumers.check.Rebuild while damaged tables are rebuilt from the log
 
     def __new__(cls, columns: list[str], rows: list[tuple[Any, ...]], lag: Lag | None) -> LaggedAnswer:
         self = super().__new__(cls, (columns, rows))
         self.lag = lag
+        self.rebuilding = None
         return self
 
 

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ import orjson
 
 from consumers.store.base import AuditStore, StoreError
 from eventlog.base import EventLog, Position, Record
+from eventlog.ratelog import AggregatingLog
 from schemas.events import EVENT_KINDS, decode_raw
 
 log_ = logging.getLogger(__name__)
@@ -110,6 +112,8 @@ class LogConsumer:
     async def _consume(self, records: Sequence[Record], *, commit: bool = True) -> None:
         await self.process(records)
         advanced = _after(records)
+        if set(advanced) == {0}:  # a one-partition log (embedded): gap detection at start-up
+            await self.record_position(advanced[0])
         if commit:
             # committed only after the write succeeded: at-least-once, the writes are idempotent
             await self.log.commit_position(self.name, advanced)
@@ -117,6 +121,14 @@ class LogConsumer:
         if commit:
             self.position.update(advanced)
             self._advanced.set()
+
+    async def record_position(self, next_offset: int) -> None:
+        """The store remembers how far the log reached (schemas/clickhouse/004_positions.sql):
+        a log that later ends below it went backwards, and start-up says so."""
+        row = orjson.dumps(
+            {"consumer": self.name, "next_offset": next_offset, "ts_ms": time.time_ns() // 1_000_000}
+        )
+        await self.store.insert_json("log_positions", [row])
 
     def reached(self, target: Position | int) -> bool:
         if isinstance(target, int):
@@ -219,6 +231,7 @@ def _after(records: Sequence[Record]) -> Position:
 
 
 RETRY_FIRST_S = 0.25
+_STOPPED = AggregatingLog(log, 10.0)  # a store down for minutes: one line per interval, with counts
 RETRY_MAX_S = 2.0  # a store back from an outage is written to within ~2 s, not 30
 
 
@@ -236,8 +249,12 @@ async def supervise(consumer: LogConsumer, *, max_delay_s: float = RETRY_MAX_S) 
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error(
-                "%s stopped (%s); retrying in %.1f s, events wait in the log", consumer.name, exc, delay
+            _STOPPED.error(
+                f"{consumer.name} consumer stopped",
+                "%s stopped (%s); retrying in %.1f s, events wait in the log",
+                consumer.name,
+                exc,
+                delay,
             )
             consumer._poke.clear()
             with contextlib.suppress(TimeoutError):

@@ -28,7 +28,8 @@ and ``flush()`` raises the failure.
 
 Callers must know:
 - An instance is bound to the event loop that called ``open()``; use it from that loop.
-- ``close()`` commits what is queued, ends running ``tail()`` iterators, then stops the
+- ``close()`` commits what is queued (or, batched, saves it to a rescue file that the next
+  ``open()`` folds into the log), ends running ``tail()`` iterators, then stops the
   threads; appends after close() began raise ``LogUnavailable``.
 - A cancelled strict ``append()`` may still be committed (like a lost ack).
 - Several instances/processes may share the file (strict offsets stay dense: the writer
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -94,6 +96,15 @@ _RETRY_MIN_S = 0.05
 _RETRY_MAX_S = 1.0
 
 _NEW, _OPEN, _CLOSING, _CLOSED = range(4)
+_RESERVE_BYTES = 1 << 20  # batched: room kept for the rescue file (~2,000 records of 500 bytes)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Worker:
@@ -240,6 +251,15 @@ class SqliteEventLog(EventLog):
         weakref.finalize(self, _Worker.stop_all, self._writer, self._reader)
         try:
             end = await self._writer.call(self._w_open)
+            rescued = await self._writer.call(self._w_fold_rescue)
+            if rescued:
+                end = await self._writer.call(self._w_end)
+                log.warning(
+                    "event log %s: folded %d records rescued at the last close into the log",
+                    self.path,
+                    rescued,
+                )
+            await self._writer.call(self._reserve)
             await self._reader.call(self._r_open)
         except (sqlite3.Error, OSError) as e:
             self._open_error = e
@@ -253,8 +273,11 @@ class SqliteEventLog(EventLog):
         """Commit what is queued, then release the threads and connections.
 
         Appends started after close() began raise LogUnavailable; running tails end.
-        If the final commit fails (batched mode), resources are still released, the
-        queued records are lost, and close() raises LogUnavailable.
+        If the final commit fails (batched mode), the queued records (their calls were
+        forwarded already) are appended and fsync'd to the rescue file next to the log
+        (``events.db.rescue``; a reserved file is deleted first to make room on a full disk)
+        and folded into the log by the next ``open()``. Only if that fails too are they lost
+        and close() raises LogUnavailable.
         """
         if self._state in (_CLOSING, _CLOSED):
             return
@@ -271,14 +294,106 @@ class SqliteEventLog(EventLog):
             self._timer.cancel()
             self._timer = None
         if self._pending is not None:  # only after a failed final flush
-            lost, self._pending = self._pending, None
-            log.error("event log %s: %d queued records lost at close", self.path, len(lost.payloads))
-            self._fail_waiters(lost, err or LogUnavailable(f"event log {self.path}: closed"))
+            queued, self._pending = self._pending, None
+            self._fail_waiters(queued, err or LogUnavailable(f"event log {self.path}: closed"))
+            # batched: these calls were forwarded already; their records must survive the close
+            try:
+                await asyncio.to_thread(self._rescue, queued.payloads)
+            except OSError as e:
+                log.error(
+                    "event log %s: %d queued records lost at close (rescue file %s: %s)",
+                    self.path,
+                    len(queued.payloads),
+                    self.rescue_path,
+                    e,
+                )
+            else:
+                log.error(
+                    "event log %s: %d queued records could not be committed (%s); saved to %s, they "
+                    "are folded into the log at the next start",
+                    self.path,
+                    len(queued.payloads),
+                    err.__cause__ if err is not None and err.__cause__ is not None else err,
+                    self.rescue_path,
+                )
+                err = None
         await self._shutdown_threads()
         self._state = _CLOSED
         self._wake_tails()
         if err is not None:
             raise err
+
+    # ---- rescue file: batched records that could not reach the log at close -------------
+
+    @property
+    def rescue_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".rescue")
+
+    @property
+    def _reserve_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".reserve")
+
+    def _reserve(self) -> None:
+        """Batched: keep _RESERVE_BYTES allocated next to the log. When the disk is full at
+        close, deleting it makes room for the rescue file."""
+        if self._strict:
+            return
+        try:
+            if self._reserve_path.stat().st_size >= _RESERVE_BYTES:
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, _RESERVE_BYTES)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:  # no room for it now: a rescue may still fit
+            log.warning("event log %s: cannot reserve space for a rescue file: %s", self.path, e)
+            self._reserve_path.unlink(missing_ok=True)
+
+    def _rescue(self, payloads: list[bytes]) -> None:
+        """Append the records (8-byte length + payload each) to the rescue file and fsync it."""
+        self._reserve_path.unlink(missing_ok=True)  # frees room on a full disk
+        data = b"".join(len(p).to_bytes(8, "big") + p for p in payloads)
+        fd = os.open(self.rescue_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.rescue_path.parent)
+
+    def _w_fold_rescue(self) -> int:
+        """Writer thread, at open: append the rescue file's records to the log in one
+        transaction, then delete it. A torn last record (crash while rescuing) is dropped."""
+        try:
+            data = self.rescue_path.read_bytes()
+        except FileNotFoundError:
+            return 0
+        payloads: list[bytes] = []
+        i = 0
+        while i + 8 <= len(data):
+            n = int.from_bytes(data[i : i + 8], "big")
+            if i + 8 + n > len(data):
+                break
+            payloads.append(data[i + 8 : i + 8 + n])
+            i += 8 + n
+        if i != len(data):
+            log.warning(
+                "event log %s: rescue file has a torn last record (%d bytes); dropped",
+                self.path,
+                len(data) - i,
+            )
+        if payloads:
+            self._w_write(payloads)  # synchronous=FULL: durable on return
+        self.rescue_path.unlink()
+        _fsync_dir(self.rescue_path.parent)
+        return len(payloads)
 
     async def _shutdown_threads(self) -> None:
         for worker, fn in ((self._writer, self._w_close), (self._reader, self._r_close)):
@@ -313,6 +428,10 @@ class SqliteEventLog(EventLog):
             conn.close()
             raise
         self._wconn = conn
+        return 0 if row is None else row[0] + 1
+
+    def _w_end(self) -> int:
+        row = self._wconn.execute(_LAST).fetchone()  # type: ignore[union-attr]
         return 0 if row is None else row[0] + 1
 
     def _w_close(self) -> None:

@@ -144,13 +144,20 @@ def _default(value: Any) -> Any:
     return str(value)  # Decimal, IPv4Address, ... as their text
 
 
-def answer_json(columns: list[str], rows: list[tuple[Any, ...]], lag: dict[str, Any] | None = None) -> bytes:
+def answer_json(
+    columns: list[str],
+    rows: list[tuple[Any, ...]],
+    lag: dict[str, Any] | None = None,
+    rebuilding: dict[str, Any] | None = None,
+) -> bytes:
     """``{"columns": [...], "rows": [[...], ...]}`` (datetimes as ISO strings), plus
     ``"lag": {"events": n, "seconds": s}`` when the tables are behind the event log and
     ``"truncated": true, "note": ...`` when the rows carry a note (a limit cut them)."""
     doc: dict[str, Any] = {"columns": list(columns), "rows": rows}
     if lag is not None:
         doc["lag"] = lag
+    if rebuilding is not None:  # damaged tables being rebuilt from the log: the answer is partial
+        doc["rebuilding"] = rebuilding
     note = getattr(rows, "note", None)
     if note:
         doc.update(truncated=True, note=str(note))
@@ -286,11 +293,13 @@ def add_admin_routes(
             return _error(status, kind, str(exc) or type(exc).__name__)
         lag = getattr(result, "lag", None)  # tables behind the log: {"events": n, "seconds": s}
         lag_doc = lag.as_json() if lag is not None else None
+        rebuilding = getattr(result, "rebuilding", None)
+        rb_doc = rebuilding.as_json() if rebuilding is not None else None
         # a big answer takes a while to encode: off the event loop, agents' calls go on
         body = (
-            await asyncio.to_thread(answer_json, columns, rows, lag_doc)
+            await asyncio.to_thread(answer_json, columns, rows, lag_doc, rb_doc)
             if len(rows) > 1000
-            else answer_json(columns, rows, lag_doc)
+            else answer_json(columns, rows, lag_doc, rb_doc)
         )
         return Response(body=body, content_type="application/json")
 

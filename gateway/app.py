@@ -13,6 +13,7 @@ from gateway.audit.hooks import Addon, AddonChain
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.edge import App, EdgeLimits
+from gateway.policy.clock import MonotonicWallClock
 from gateway.policy.live import PolicySet
 from gateway.proxy import Proxy, health, health_detail
 from gateway.upstreams.base import Upstream
@@ -51,6 +52,9 @@ def build_app(
     """The gateway app. `addons` hook into every flow (audit, metrics); `admin` answers the
     forensic questions of the admin API (mounted when the config has an admin_token)."""
     chain = AddonChain(addons)
+    # windows follow UTC wall time, but a clock stepped back must never reopen a charged window
+    if not isinstance(clock, MonotonicWallClock):
+        clock = MonotonicWallClock(clock)
     policies = PolicySet({name: cfg.policy_path(name) for name in cfg.servers}, chain)
     policies.load_all()  # raises PolicyError naming the file: fail at start, never serve without a policy
     upstreams = build_upstreams(cfg)

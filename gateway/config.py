@@ -179,6 +179,8 @@ class StoreSection(_Section):
     query_max_rows: int = Field(100_000, gt=0, description="rows beyond are cut; the answer says so")
     query_max_bytes: int = Field(64 << 20, gt=0, description="max_result_bytes of a forensic query")
     query_max_memory: int = Field(1 << 30, gt=0, description="max_memory_usage of a forensic query")
+    # the tables are checked against the log at start-up and then every this many seconds (0: start-up only)
+    check_interval_s: float = Field(300.0, ge=0, description="projection check interval")
 
 
 class Config(_Section):

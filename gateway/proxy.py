@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp.web import HTTPRequestEntityTooLarge, Response, StreamResponse
 
+from eventlog.ratelog import AggregatingLog
 from gateway.audit.hooks import Addon
 from gateway.auth import Authenticator, Grant, failure_reason
 from gateway.edge import Request, json_error, json_response
@@ -39,6 +40,7 @@ from gateway.policy.live import PolicySet
 from gateway.upstreams.base import Event, Inbound, Refused, Upstream, UpstreamFailed, UpstreamReply
 
 log = logging.getLogger("ledgergate.proxy")
+_UNRECORDED = AggregatingLog(log, 10.0)
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 # the audit `rule` of a request-only method (tools/call...) that arrived as a notification
@@ -371,7 +373,13 @@ class Proxy:
             await self.addons.decided(flow)
         except Exception as exc:
             limiter.refund(decision)  # not recorded, so not forwarded: it must not cost quota
-            log.error("decision of %s %s could not be recorded, not forwarding: %r", server, method, exc)
+            _UNRECORDED.error(  # a full disk refuses every call: one line per interval, with counts
+                "calls not forwarded (audit log unavailable)",
+                "decision of %s %s could not be recorded, not forwarding: %r",
+                server,
+                method,
+                exc,
+            )
             flow.finish("upstream_error", code=jsonrpc.INTERNAL_ERROR, message="audit log unavailable")
             # the exception's text stays in the gateway's log: it may name paths or hosts
             return error_response(

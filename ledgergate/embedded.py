@@ -15,6 +15,7 @@ import re
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,9 +24,10 @@ from aiohttp.web import Response
 
 from consumers import forensics
 from consumers.audit import AuditConsumer
+from consumers.check import AUDIT_TABLES, COUNTER_TABLES, ProjectionCheck
 from consumers.counters import CountersConsumer
 from consumers.runner import supervise
-from consumers.store import AuditStore, ReadOnlyError, open_store
+from consumers.store import AuditStore, ReadOnlyError, StoreError, open_store
 from consumers.store.base import QueryLimits
 from eventlog import open_log
 from eventlog.base import EventLog
@@ -34,11 +36,14 @@ from gateway.audit.hooks import Addon
 from gateway.audit.writer import AuditAddon, instance_id
 from gateway.config import Config, stdio_command_problem
 from gateway.edge import App, EdgeLimits, HttpServer, Request
+from gateway.policy.engine import CounterKey
 from gateway.policy.rebuild import longest_window_s, rebuild_limiters
+from schemas.events import LogGap, encode
 
 log = logging.getLogger("ledgergate")
 
 QUESTIONS = ("who", "calls", "denials", "sql")
+GAP_MARK = "(log.gap)"  # log_positions row of an accepted gap
 
 
 class Embedded:
@@ -52,6 +57,11 @@ class Embedded:
         self.counters = CountersConsumer(eventlog, store)
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: IO[str] | None = None
+        self.checker = ProjectionCheck(
+            eventlog, store, {self.audit: AUDIT_TABLES, self.counters: COUNTER_TABLES}
+        )
+        self._checked = False  # without running consumers (the CLI): checked once, before answering
+        self.gap: LogGap | None = None  # the log went backwards (find_log_gap), not yet accepted
         # a forensic answer waits at most this long for running consumers to catch up,
         # then answers from the tables as they are and says how far behind they are
         self.sync_timeout_s = 10.0
@@ -84,6 +94,7 @@ class Embedded:
         self = cls(cfg, eventlog, store)
         self._lock = lock
         try:
+            self.gap = await self.find_log_gap()
             await self.repair_offsets()
         except BaseException:
             await self.close()
@@ -92,8 +103,76 @@ class Embedded:
             self._tasks = [
                 asyncio.create_task(supervise(self.audit), name="audit-consumer"),
                 asyncio.create_task(supervise(self.counters), name="counters-consumer"),
+                asyncio.create_task(self.checker.run(cfg.store.check_interval_s), name="projection-check"),
             ]
         return self
+
+    async def find_log_gap(self) -> LogGap | None:
+        """Did the log go backwards? Compare its end with the consumers' committed offsets and
+        with the highest offset the store saw since the last accepted gap (log_positions). A
+        log that lost its tail (a WAL deleted after a crash) looks healthy on its own: the
+        records are simply not there, and neither are their counter charges. Says so loudly."""
+        end = await self.log.end_offset()
+        committed = {c.name: await self.log.committed(c.name) for c in (self.audit, self.counters)}
+        try:
+            _, rows = await self.store.query(
+                "SELECT max(next_offset) FROM log_positions WHERE consumer != {gap:String} AND ts_ms >= "
+                "(SELECT max(ts_ms) FROM log_positions WHERE consumer = {gap:String})",
+                {"gap": GAP_MARK},
+            )
+            store_end = int(rows[0][0] or 0) if rows else 0
+        except StoreError as exc:  # a damaged store: the consumers' offsets still tell
+            log.warning(
+                "cannot read log_positions from the store (%s); the log end is checked against the "
+                "consumers only",
+                exc,
+            )
+            store_end = 0
+        seen = max([store_end, *committed.values()])
+        if seen <= end:
+            return None
+        log.error(
+            "EVENT LOG WENT BACKWARDS: %s ends at offset %d, but the store saw %d and the consumers "
+            "committed %s: %d records are missing (was a WAL file deleted or the file restored from "
+            "an old copy?). Calls they recorded may have run; their counter charges are taken from "
+            "the store too. Strict durability serves again only after `ledgergate run --accept-log-gap`.",
+            self.log,
+            end,
+            store_end,
+            committed,
+            seen - end,
+        )
+        return LogGap(
+            log_end=end,
+            seen_end=seen,
+            lost=seen - end,
+            store_end=store_end,
+            committed=committed,
+            durability=self.cfg.eventlog.durability,
+            accepted_by="batched" if self.cfg.eventlog.durability == "batched" else "flag",
+        )
+
+    async def accept_log_gap(self, counters_from_store: int) -> None:
+        """Record the gap on the log (a log.gap event) and in the store (a '(log.gap)' row:
+        positions seen before it no longer count, so the same gap is not reported again)."""
+        gap = self.gap
+        if gap is None:
+            return
+        gap = gap.model_copy(update={"counters_from_store": counters_from_store})
+        await self.log.append([encode(gap)])
+        await self.log.flush()
+        await self.store.insert_json(
+            "log_positions",
+            [
+                orjson.dumps(
+                    {"consumer": GAP_MARK, "next_offset": gap.log_end, "ts_ms": time.time_ns() // 1_000_000}
+                )
+            ],
+        )
+        log.warning(
+            "log gap of %d records accepted (%s): recorded as a log.gap event", gap.lost, gap.accepted_by
+        )
+        self.gap = None
 
     async def repair_offsets(self) -> list[str]:
         """A consumer whose committed offset is past the end of the log would wait forever for
@@ -127,6 +206,9 @@ class Embedded:
         else:
             await self.audit.catch_up()
             await self.counters.catch_up()
+            if not self._checked:  # the CLI on the store itself: a damaged table is rebuilt first
+                self._checked = True
+                await self.checker.check(background=False)
 
     async def answer(self, question: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
         """A forensic question. Raises ValueError for bad input (an unknown --server too),
@@ -144,7 +226,9 @@ class Embedded:
         lag = await forensics.lag_behind(
             self.log, [self.audit.name, self.counters.name], int(time.time() * 1000)
         )
-        return forensics.LaggedAnswer(columns, rows, lag)
+        answer = forensics.LaggedAnswer(columns, rows, lag)
+        answer.rebuilding = self.checker.rebuilding()  # never silently partial
+        return answer
 
     async def _known_server(self, server: str) -> None:
         """A --server filter that names no server is a typo, not an empty answer."""
@@ -213,6 +297,7 @@ class Embedded:
         raise ValueError(f"unknown question {question!r}; one of {', '.join(QUESTIONS)}")
 
     async def close(self) -> None:
+        await self.checker.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -359,10 +444,40 @@ async def start_admin_socket(cfg: Config, embedded: Embedded, app: App, addon: A
     return local
 
 
+async def fold_store_counters(store: AuditStore, limiters: dict[str, Any], window_s: int, now: float) -> int:
+    """Counters from the store: the charges of allowed calls in audit_calls whose windows are
+    still open; each cell is raised to the store's count when that is larger (never lowered).
+    After a log gap the log lost charges the store still holds. Returns the charges added."""
+    if window_s <= 0:
+        return 0
+    _, rows = await store.query(
+        "SELECT server, charges, count() AS n FROM audit_calls FINAL WHERE decision = 'allow' "
+        "AND ts >= {since:DateTime64(3, 'UTC')} AND charges NOT IN ('', '[]') GROUP BY server, charges",
+        {"since": datetime.fromtimestamp(now - window_s, UTC)},
+    )
+    totals: dict[tuple[str, CounterKey], int] = {}
+    for server, raw, n in rows:
+        for ch in orjson.loads(raw):
+            key = CounterKey(ch["counter"], ch["scope"], ch["key"], ch["window_s"], ch["window_start"])
+            if key.window_start + key.window_s > now:
+                totals[(server, key)] = totals.get((server, key), 0) + int(n)
+    added = 0
+    for (server, key), n in totals.items():
+        limiter = limiters.get(server)
+        if limiter is None:
+            continue
+        have = limiter.view().get(key, 0)
+        if n > have:
+            limiter.add(key, n - have)
+            added += n - have
+    return added
+
+
 async def serve(
     cfg: Config,
     *,
     clock: Callable[[], float] = time.time,
+    accept_log_gap: bool = False,
     ready: Callable[[str], Awaitable[None] | None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
@@ -386,6 +501,16 @@ async def serve(
         raise StartupError(str(exc)) from exc
     except Exception as exc:
         raise StartupError(f"cannot open the event log and store in {cfg.data_dir}: {exc}") from exc
+    if embedded.gap is not None and cfg.eventlog.durability == "strict" and not accept_log_gap:
+        gap = embedded.gap
+        await embedded.close()
+        raise StartupError(
+            f"the event log in {cfg.data_dir} went backwards: it ends at offset {gap.log_end} but "
+            f"{gap.seen_end} were seen before ({gap.lost} records lost). Strict durability does not "
+            "serve on a log with a hole until an operator acknowledges it: look at the log above, "
+            "then start with `ledgergate run --accept-log-gap` (counters are then folded from the "
+            "store too, so limits hold, and a log.gap event records the gap)"
+        )
     addon = AuditAddon(
         embedded.log,
         instance_id(cfg.gateway.instance_id),
@@ -402,11 +527,17 @@ async def serve(
         proxy = app[PROXY_KEY]
         t0 = time.perf_counter()
         folded = await rebuild_limiters(
-            embedded.log, proxy.limiters, longest_window_s(app[POLICIES_KEY]), clock()
+            embedded.log, proxy.limiters, longest_window_s(app[POLICIES_KEY]), proxy.clock()
         )
         log.info(
             "rate-limit counters rebuilt from the log: %d charges in %.3f s", folded, time.perf_counter() - t0
         )
+        if embedded.gap is not None:  # the log lost charges: the store may still hold them
+            from_store = await fold_store_counters(
+                embedded.store, proxy.limiters, longest_window_s(app[POLICIES_KEY]), proxy.clock()
+            )
+            log.warning("log gap: %d counter charges folded from the store on top of the log's", from_store)
+            await embedded.accept_log_gap(from_store)
         server = HttpServer(app, cfg.gateway.host, cfg.gateway.port)
         try:
             await server.start()

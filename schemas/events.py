@@ -262,3 +262,19 @@ def decode(payload: bytes) -> Event:
 def decode_raw(payload: bytes) -> dict[str, Any]:
     """Parse without validation: for consumers that trust the log and want speed."""
     return orjson.loads(payload)
+
+
+class LogGap(_Event):
+    """The event log went backwards: at start-up it ended below what the store or a consumer
+    had already seen (records lost, e.g. a WAL deleted after a crash). Written when the gap is
+    accepted (`ledgergate run --accept-log-gap` in strict mode; at once in batched mode)."""
+
+    kind: Literal["log.gap"] = "log.gap"
+    log_end: int = Field(description="the log's end offset at start-up")
+    seen_end: int = Field(description="the highest end the store or a consumer had seen")
+    lost: int = Field(description="records missing: seen_end - log_end")
+    store_end: int = Field(description="the highest next_offset in the store's log_positions")
+    committed: dict[str, int] = Field(default_factory=dict, description="consumer -> committed offset")
+    durability: str
+    accepted_by: Literal["flag", "batched"]
+    counters_from_store: int = Field(0, description="charges folded from the store on top of the log's")

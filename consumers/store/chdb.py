@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +37,8 @@ from consumers.store.base import (
     is_readonly_refusal,
     param_text,
 )
+
+log = logging.getLogger("ledgergate")
 
 # Session settings applied once at connect (not per query, so readonly=1 queries never
 # have to change a setting).
@@ -122,10 +126,43 @@ class ChdbStore(AuditStore):
             self._conn = conn
 
         try:
-            await self._call(connect)
+            try:
+                await self._call(connect)
+            except Exception:
+                # a broken table definition (a 0-byte metadata file after a crash or a full disk)
+                # stops the whole engine; the tables are projections of the log, so set the file
+                # aside and open without it: the projection check rebuilds the table from the log
+                if not await asyncio.to_thread(self._quarantine_broken_metadata):
+                    raise
+                await self._call(connect)
         except Exception as e:
             await self.close()
             raise StoreError(f"cannot open chDB store at {self.path}: {e}") from e
+
+    def _quarantine_broken_metadata(self) -> list[Path]:
+        """Move table definitions the engine cannot parse (empty, or not an ATTACH statement)
+        to ``quarantine/`` next to the data; returns the files moved."""
+        moved = []
+        for sql in [*self.path.glob("store/*/*/*.sql"), *self.path.glob("metadata/*/*.sql")]:
+            try:
+                head = sql.read_bytes()[:64].lstrip()
+            except OSError:
+                continue
+            if head.upper().startswith((b"ATTACH", b"CREATE")):
+                continue
+            dest = self.path / "quarantine" / f"{int(time.time())}-{sql.parent.name}-{sql.name}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            sql.rename(dest)
+            moved.append(dest)
+            log.error(
+                "chDB store %s: the table definition %s is broken (%d bytes); moved to %s, the table is "
+                "recreated empty and rebuilt from the event log",
+                self.path,
+                sql,
+                dest.stat().st_size,
+                dest,
+            )
+        return moved
 
     async def close(self) -> None:
         fexecutor, self._fexecutor = self._fexecutor, None

@@ -233,11 +233,15 @@ async def ask_link(
         lag = doc.get("lag")
         rows = Rows(tuple(_revive(v) for v in row) for row in doc["rows"])
         rows.note = doc.get("note") if doc.get("truncated") else None
-        return LaggedAnswer(
+        answer = LaggedAnswer(
             list(doc["columns"]),
             rows,
             Lag(int(lag["events"]), float(lag["seconds"])) if isinstance(lag, dict) else None,
         )
+        rb = doc.get("rebuilding")
+        if isinstance(rb, dict):
+            answer.rebuilding = _RemoteRebuild(list(rb.get("tables", [])), int(rb.get("percent", 0)))
+        return answer
     message = doc.get("message") if isinstance(doc, dict) else None
     kind = doc.get("error") if isinstance(doc, dict) else None
     if status == 401:
@@ -336,6 +340,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     lag = getattr(answer, "lag", None)
     if lag is not None:
         print(lag.note(), file=sys.stdout if args.format == "table" else sys.stderr)
+    rebuilding = getattr(answer, "rebuilding", None)
+    if rebuilding is not None:  # never silently partial
+        print(rebuilding.note(), file=sys.stdout if args.format == "table" else sys.stderr)
     if note:  # a limit cut the answer: say so (stderr keeps json/csv clean)
         print(f"note: {note}", file=sys.stderr)
     return 0
@@ -530,3 +537,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code
     return 0
+
+
+class _RemoteRebuild:
+    """The running gateway's "rebuilding" field: tables and percent."""
+
+    def __init__(self, tables: list[str], percent: int) -> None:
+        self.tables, self.percent = tables, percent
+
+    def note(self) -> str:
+        return (
+            f"note: rebuilding: {self.percent} % (the tables {', '.join(self.tables)} were damaged and are "
+            "being rebuilt from the event log); this answer is partial until the rebuild ends"
+        )

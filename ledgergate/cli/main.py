@@ -208,7 +208,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:
         runner = asyncio.run
     try:
-        runner(serve(cfg, ready=lambda url: print(banner(cfg), flush=True)))
+        runner(
+            serve(cfg, ready=lambda url: print(banner(cfg), flush=True), accept_log_gap=args.accept_log_gap)
+        )
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
@@ -289,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="serve the gateway")
     p.add_argument("--config", "-c", default="ledgergate.toml")
     p.add_argument("--listen", help="HOST:PORT, overrides [gateway] listen")
+    p.add_argument(
+        "--accept-log-gap",
+        action="store_true",
+        help="serve although the event log went backwards (records lost); records a log.gap event",
+    )
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser(
         "check", help="validate a config, its policies, backends, commands and listen address; serve nothing"
