@@ -17,7 +17,8 @@ CALLS = int(sys.argv[3]) if len(sys.argv) > 3 else 12
 
 
 async def main() -> None:
-    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEY}"})
+    # 30 s: the first call starts the WhatsApp server process behind the gateway
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=30.0)
     async with Client(streamable_http_client(URL, http_client=http)) as client:
         tools = await client.list_tools()
         print("tools this key may call:", [t.name for t in tools.tools])

@@ -94,8 +94,9 @@ class Embedded:
         self = cls(cfg, eventlog, store)
         self._lock = lock
         try:
-            self.gap = await self.find_log_gap()
-            await self.repair_offsets()
+            if len(await eventlog.partitions()) == 1:  # offsets of one log (embedded); Kafka: positions
+                self.gap = await self.find_log_gap()
+                await self.repair_offsets()
         except BaseException:
             await self.close()
             raise
@@ -103,8 +104,11 @@ class Embedded:
             self._tasks = [
                 asyncio.create_task(supervise(self.audit), name="audit-consumer"),
                 asyncio.create_task(supervise(self.counters), name="counters-consumer"),
-                asyncio.create_task(self.checker.run(cfg.store.check_interval_s), name="projection-check"),
             ]
+            if len(await eventlog.partitions()) == 1:  # counts per offset range: one-partition logs
+                self._tasks.append(
+                    asyncio.create_task(self.checker.run(cfg.store.check_interval_s), name="projection-check")
+                )
         return self
 
     async def find_log_gap(self) -> LogGap | None:
@@ -206,7 +210,7 @@ class Embedded:
         else:
             await self.audit.catch_up()
             await self.counters.catch_up()
-            if not self._checked:  # the CLI on the store itself: a damaged table is rebuilt first
+            if not self._checked and len(await self.log.partitions()) == 1:  # CLI on the store: rebuild first
                 self._checked = True
                 await self.checker.check(background=False)
 

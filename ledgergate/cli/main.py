@@ -83,6 +83,25 @@ def _data_dir_problem(cfg: Config) -> str | None:
     return None
 
 
+def _kafka_problem(bootstrap: str, timeout_s: float = 2.0) -> str | None:
+    """None when one of the bootstrap brokers accepts a TCP connection (run would reach it)."""
+    import socket
+
+    hosts = [h.strip() for h in bootstrap.split(",") if h.strip()]
+    if not hosts:
+        return "needs HOST:PORT of at least one Kafka broker"
+    for hp in hosts:
+        host, sep, port = hp.rpartition(":")
+        if not sep or not port.isdigit():
+            return f"{hp!r} is not HOST:PORT"
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+            return None
+        except OSError:
+            continue
+    return f"no Kafka broker answers at {bootstrap} (run could not create or reach the topic)"
+
+
 def _check(cfg_path: str, *, probe_listen: bool = False) -> tuple[Config | None, Findings]:
     """Everything `run` would refuse, all of it (not only the first error)."""
     from eventlog import BACKENDS
@@ -104,6 +123,10 @@ def _check(cfg_path: str, *, probe_listen: bool = False) -> tuple[Config | None,
     def err(key: str, reason: str) -> None:
         found.errors.append(str(ConfigError(src, key, reason, _env_var(key))))
 
+    if cfg.eventlog.backend == "kafka":
+        problem = _kafka_problem(cfg.eventlog.bootstrap)
+        if problem:
+            err("eventlog.bootstrap", problem)
     if cfg.eventlog.backend not in BACKENDS:
         err(
             "eventlog.backend",
