@@ -14,11 +14,12 @@ import os
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
 from consumers import forensics
+from consumers.alerts import AlertsConsumer, LiveQuery, build_alerts, follow_events
 from consumers.audit import AuditConsumer
 from consumers.counters import CountersConsumer
 from consumers.runner import supervise
@@ -48,6 +49,8 @@ class Embedded:
         self.counters = CountersConsumer(eventlog, store)
         self._tasks: list[asyncio.Task[None]] = []
         self._lock: IO[str] | None = None
+        self.alerts: AlertsConsumer | None = None
+        self.closing = asyncio.Event()  # set at shutdown: live views (follow_events) end
         # a forensic answer waits at most this long for running consumers to catch up,
         # then answers from the tables as they are and says how far behind they are
         self.sync_timeout_s = 10.0
@@ -86,6 +89,23 @@ class Embedded:
                 asyncio.create_task(supervise(self.counters), name="counters-consumer"),
             ]
         return self
+
+    def start_alerts(self, clock: Callable[[], float] = time.time, instance: str = "") -> None:
+        """Run the alerts consumer (consumers/alerts.py) when the config has rules; supervised
+        like the others. ValueError when a sink cannot be built (e.g. its secret_env unset)."""
+        self.alerts = build_alerts(self.cfg, self.log, clock=clock, instance=instance)
+        if self.alerts is not None:
+            self._tasks.append(asyncio.create_task(supervise(self.alerts), name="alerts-consumer"))
+
+    async def events(self, params: dict[str, str]) -> AsyncIterator[tuple[int, str, bytes]]:
+        """The live view of GET /admin/events: ValueError for bad parameters (before streaming).
+        The start offset is fixed here, before the stream's headers go out: a client that has
+        the headers sees every event appended after that."""
+        query = LiveQuery.parse(params)
+        if query.start is None:
+            end = await self.log.end_offset()
+            query.start = end if query.follow else max(0, end - query.limit)
+        return follow_events(self.log, query, self.closing)
 
     async def repair_offsets(self) -> list[str]:
         """A consumer whose committed offset is past the end of the log would wait forever for
@@ -316,6 +336,7 @@ async def serve(
         )
         addon.policies = app[POLICIES_KEY]
         proxy = app[PROXY_KEY]
+        start_live(cfg, embedded, app, addon, clock)
         t0 = time.perf_counter()
         folded = await rebuild_limiters(
             embedded.log, proxy.limiters, longest_window_s(app[POLICIES_KEY]), clock()
@@ -348,8 +369,23 @@ async def serve(
                 await r
         await stop.wait()
         log.info("stopping")
+        embedded.closing.set()
         await server.close()
     finally:
         with contextlib.suppress(Exception):
             await addon.close()
         await embedded.close()
+
+
+def start_live(
+    cfg: Config, embedded: Embedded, app: Any, addon: AuditAddon, clock: Callable[[], float]
+) -> None:
+    """Alerts and the live view: the alerts consumer, and GET /admin/events (admin token)."""
+    from gateway.admin import add_event_stream
+
+    try:
+        embedded.start_alerts(clock, addon.instance)
+    except ValueError as exc:
+        raise StartupError(f"{cfg.source}: alerts: {exc}") from exc
+    if cfg.gateway.admin_token:
+        add_event_stream(app, cfg.gateway.admin_token, embedded.events, addon)
