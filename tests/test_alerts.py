@@ -161,7 +161,9 @@ def sdk_client(base: str) -> Any:
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
-    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx2.Timeout(30.0, read=60.0))
+    http = httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx2.Timeout(30.0, read=60.0)
+    )
     return Client(streamable_http_client(f"{base}/mcp/whatsapp", http_client=http), mode="legacy")
 
 
@@ -182,7 +184,9 @@ def log_rows(cfg: Config) -> tuple[int, int, list[dict[str, Any]]]:
     try:
         end = conn.execute("SELECT coalesce(max(offset) + 1, 0) FROM records").fetchone()[0]
         row = conn.execute("SELECT next_offset FROM consumer_offsets WHERE name = 'alerts'").fetchone()
-        payloads = conn.execute("SELECT payload FROM records WHERE payload LIKE '%\"kind\":\"alert.%'").fetchall()
+        payloads = conn.execute(
+            'SELECT payload FROM records WHERE CAST(payload AS TEXT) LIKE \'%"kind":"alert.%\''
+        ).fetchall()
     finally:
         conn.close()
     return end, (row[0] if row else 0), [orjson.loads(p[0]) for p in payloads]
@@ -222,7 +226,9 @@ def test_five_in_a_window_make_one_aggregated_alert() -> None:
     assert doc["count"] == 5 and doc["group"] == {"agent": "a", "tool": "send_message"}
     assert doc["first_event_id"] == "ev-0001" and doc["last_event_id"] == "ev-0005"
     assert doc["alert_id"] == alert_id("hammering", doc["group"], "ev-0001")
-    assert doc["evidence"].startswith("ledgergate audit calls --agent a --grant a --tool send_message --server wa")
+    assert doc["evidence"].startswith(
+        "ledgergate audit calls --agent a --grant a --tool send_message --server wa"
+    )
     # another agent is another group
     assert [a for i in range(6, 10) for a in eng.feed(refusal(i, t0 + 60_600, agent="b"), i)] == []
 
@@ -246,7 +252,14 @@ def test_throttle_suppresses_then_summarises_on_the_clock() -> None:
 def test_auth_failures_count_their_aggregated_count() -> None:
     rule = AlertRule(name="logins", on="auth_failure", threshold=10, group_by=["remote"])
     eng = RuleEngine([rule])
-    ev = {"kind": "auth.failed", "event_id": "e1", "ts": 1000, "remote": "10.0.0.9", "server": "wa", "count": 12}
+    ev = {
+        "kind": "auth.failed",
+        "event_id": "e1",
+        "ts": 1000,
+        "remote": "10.0.0.9",
+        "server": "wa",
+        "count": 12,
+    }
     (a,) = eng.feed(ev, 0)
     assert a.doc["count"] == 12 and a.doc["group"] == {"remote": "10.0.0.9"}
     assert a.doc["evidence"].startswith("ledgergate audit denials")
@@ -293,7 +306,9 @@ async def test_every_refusal_reaches_the_webhook_signed(
         async with serving(cfg, FakeClock()) as base:
             async with sdk_client(base) as c:
                 results = [await c.call_tool("open_session", {}) for _ in range(11)]  # the 11th: limit
-                denied = await c.call_tool("send_message", {"phone_number": "+100", "content": "hi", "token": "tok-SECRET-77"})
+                denied = await c.call_tool(
+                    "send_message", {"phone_number": "+100", "content": "hi", "token": "tok-SECRET-77"}
+                )
             assert [r.is_error for r in results] == [False] * 10 + [True] and denied.is_error
             await until(lambda: len(hook.accepted) >= 2, "2 alerts at the webhook")
             assert hook.bad_signatures == 0
@@ -317,12 +332,15 @@ async def test_every_refusal_reaches_the_webhook_signed(
             )
             rows = await until(lambda: _rows_if(base, sql, 2), "the alert tables")
             assert {r["alert_id"] for r in rows} == {d["alert_id"] for d in hook.accepted}
-            assert all(r["kind"] == "alert.delivered" and r["attempts"] == 1 and r["age_ms"] >= 0 for r in rows)
+            assert all(
+                r["kind"] == "alert.delivered" and r["attempts"] == 1 and r["age_ms"] >= 0 for r in rows
+            )
 
 
 async def _rows_if(base: str, sql: str, n: int) -> list[dict[str, Any]] | None:
+    """The rows once n alerts and each one's delivery are in the tables (folded asynchronously)."""
     rows = await admin_sql(base, sql)
-    return rows if len(rows) >= n else None
+    return rows if len(rows) >= n and all(r["kind"] for r in rows) else None
 
 
 async def test_five_refusals_one_alert_then_the_throttle_summary(
@@ -334,13 +352,17 @@ async def test_five_refusals_one_alert_then_the_throttle_summary(
         async with serving(cfg, clock) as base:
             async with sdk_client(base) as c:
                 for i in range(5):
-                    assert (await c.call_tool("send_message", {"phone_number": "+1", "content": f"{i}"})).is_error
+                    assert (
+                        await c.call_tool("send_message", {"phone_number": "+1", "content": f"{i}"})
+                    ).is_error
                 (alert,) = await until(lambda: hook.accepted, "the aggregated alert")
                 assert alert["count"] == 5 and alert["group"] == {"agent": "agent-a", "tool": "send_message"}
                 assert alert["summary"] is False and alert["suppressed"] == 0
                 assert len(alert["examples"]) == 5 and alert["window_s"] == 60 and alert["throttle_s"] == 600
                 for i in range(3):  # throttled: counted, not sent
-                    assert (await c.call_tool("send_message", {"phone_number": "+1", "content": f"x{i}"})).is_error
+                    assert (
+                        await c.call_tool("send_message", {"phone_number": "+1", "content": f"x{i}"})
+                    ).is_error
             end = log_rows(cfg)[0]
             # the consumer has looked at all 8 refusals (and settled its alert) before time moves
             await until(lambda: log_rows(cfg)[1] >= end, "the alerts consumer at the end of the log")
