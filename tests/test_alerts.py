@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from consumers.alerts import RuleEngine, alert_id
-from gateway.config import ConfigErrors, Config, load_config, parse_config
+from gateway.config import Config, ConfigErrors, load_config, parse_config
 from ledgergate.embedded import serve
 from schemas.alerts import AlertRule
 from schemas.events import decode
