@@ -24,7 +24,7 @@ import orjson
 from consumers.runner import LogConsumer
 from consumers.store import AuditStore
 from eventlog.base import EventLog
-from schemas.events import CALL_KINDS, SECURITY_KINDS, decode_raw
+from schemas.events import ALERT_KINDS, CALL_KINDS, SECURITY_KINDS, decode_raw
 
 log_ = logging.getLogger(__name__)
 
@@ -58,19 +58,25 @@ class AuditConsumer(LogConsumer):
 
     table = "audit_events_in"
     security_table = "security_events_in"
+    alerts_table = "alert_events_in"  # alert.* -> audit_alerts / audit_alert_deliveries (005_alerts.sql)
     _security = frozenset(SECURITY_KINDS)
+    _alerts = frozenset(ALERT_KINDS)
     _calls = frozenset(CALL_KINDS)
 
     def route(self, payloads: list[bytes]) -> list[tuple[str, list[bytes]]]:
         calls: list[bytes] = []
         security: list[bytes] = []
+        alerts: list[bytes] = []
         for p in payloads:
             kind = event_kind(p)
             if kind in self._security:
                 security.append(p)
             elif kind in self._calls:
                 calls.append(p)
-        return [(t, part) for t, part in ((self.table, calls), (self.security_table, security)) if part]
+            elif kind in self._alerts:
+                alerts.append(p)
+        routed = ((self.table, calls), (self.security_table, security), (self.alerts_table, alerts))
+        return [(t, part) for t, part in routed if part]
 
     def __init__(self, log: EventLog, store: AuditStore, name: str = "audit", *, batch: int = 50_000) -> None:
         super().__init__(log, store, name, batch=batch)

@@ -8,6 +8,7 @@ the file's permissions are the credential); those requests are audited with call
 
 - ``GET /admin/audit/{who|calls|denials}?tool=&server=&since=&until=&decision=&agent=&grant=&limit=``
 - ``POST /admin/audit/sql`` with ``{"sql": "SELECT ...", "params": {"name": value, ...}}``
+- ``GET /admin/events?follow=1`` (``add_event_stream``): decided events and alerts, live (SSE)
 - ``POST /admin/policies/reload`` (only when a ``reload`` callable is given): ``{server:
   null | error}``, 200 when every policy loaded, 422 when one failed (it keeps its old policy)
 
@@ -52,11 +53,11 @@ import logging
 import re
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
-from aiohttp.web import Response
+from aiohttp.web import Response, StreamResponse
 
 from gateway.audit.hooks import Addon, AdminRequest
 from gateway.auth import failure_reason
@@ -362,3 +363,73 @@ def add_admin_routes(
             return await detail(req)
 
         app.add_get("/admin/health", guarded_health)
+
+
+EventsFn = Callable[[dict[str, str]], Awaitable[AsyncIterator[tuple[int, str, bytes]]]]
+KEEPALIVE_S = 15.0
+
+
+def add_event_stream(
+    app: App,
+    token: str | None,
+    events: EventsFn,
+    addons: Addon | None = None,
+    keepalive_s: float = KEEPALIVE_S,
+) -> None:
+    """``GET /admin/events?follow=1&kind=call,alert&tool=&server=&agent=&grant=&decision=&rule=``:
+    decided events and alerts as Server-Sent Events (``id:`` the log offset, ``event:`` the kind,
+    ``data:`` the event JSON), for a dashboard and the CLI's live views. ``follow=1`` keeps the
+    stream open (a ``: keepalive`` comment every ``keepalive_s``); without it the stream ends at
+    the end of the log. ``Last-Event-ID`` (or ``from=OFFSET``) resumes after that offset.
+    ``events`` (the composition root's) raises ValueError for bad parameters -> 400."""
+    expected = f"Bearer {token}".encode() if token is not None else None  # None: the owner-only socket
+
+    async def stream(req: Request) -> StreamResponse:
+        given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if expected is not None and not hmac.compare_digest(given, expected):
+            if addons is not None:
+                addons.auth_failed(req.remote, ADMIN_SERVER, failure_reason(req.headers.get("Authorization")))
+            return _error(401, "unauthorized", "missing or wrong admin token")
+        params = dict(req.query)
+        last = req.headers.get("Last-Event-ID")
+        if last and "from" not in params and last.isdigit():
+            params["from"] = str(int(last) + 1)
+        try:
+            it = await events(params)
+        except ValueError as exc:
+            return _error(400, "bad_request", str(exc))
+        resp = StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await resp.prepare(req)
+        nxt: asyncio.Future[tuple[int, str, bytes]] | None = None
+        try:
+            while True:
+                if nxt is None:
+                    nxt = asyncio.ensure_future(anext(it))
+                done, _ = await asyncio.wait({nxt}, timeout=keepalive_s)
+                if not done:
+                    await resp.write(b": keepalive\n\n")  # also finds a client that went away
+                    continue
+                try:
+                    offset, kind, payload = nxt.result()
+                except StopAsyncIteration:
+                    break
+                nxt = None
+                await resp.write(b"id: %d\nevent: %s\ndata: %s\n\n" % (offset, kind.encode(), payload))
+        except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
+            pass  # the client went away (or the server stops)
+        finally:
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await it.aclose()  # type: ignore[attr-defined]
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
+        return resp
+
+    app.add_get("/admin/events", stream)

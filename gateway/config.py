@@ -1,6 +1,7 @@
 """The gateway's TOML config file, validated by pydantic.
 
-Sections: [gateway], [servers.NAME], [grants.NAME], [eventlog], [store].
+Sections: [gateway], [servers.NAME], [grants.NAME], [eventlog], [store], [[alerts.rules]],
+[[alerts.sinks]] (schemas/alerts.py).
 Relative paths (policy files, data_dir, a server command's program) are resolved
 against the config file's folder. Environment variables LEDGERGATE_<SECTION>_<KEY>
 override scalar keys of the [gateway], [eventlog] and [store] sections.
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.alerts import AlertsSection
 
 log = logging.getLogger("ledgergate.config")
 
@@ -189,6 +192,7 @@ class Config(_Section):
     grants: dict[str, GrantSection] = Field(default_factory=dict)
     eventlog: EventlogSection = Field(default_factory=EventlogSection)
     store: StoreSection = Field(default_factory=StoreSection)
+    alerts: AlertsSection = Field(default_factory=AlertsSection)
 
     # set by load_config, not by the file
     source: Path = Path("ledgergate.toml")

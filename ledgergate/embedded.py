@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -23,6 +23,7 @@ import orjson
 from aiohttp.web import Response
 
 from consumers import forensics
+from consumers.alerts import AlertsConsumer, LiveQuery, build_alerts, follow_events
 from consumers.audit import AuditConsumer
 from consumers.check import AUDIT_TABLES, COUNTER_TABLES, ProjectionCheck
 from consumers.counters import CountersConsumer
@@ -62,6 +63,8 @@ class Embedded:
         )
         self._checked = False  # without running consumers (the CLI): checked once, before answering
         self.gap: LogGap | None = None  # the log went backwards (find_log_gap), not yet accepted
+        self.alerts: AlertsConsumer | None = None
+        self.closing = asyncio.Event()  # set at shutdown: live views (follow_events) end
         # a forensic answer waits at most this long for running consumers to catch up,
         # then answers from the tables as they are and says how far behind they are
         self.sync_timeout_s = 10.0
@@ -177,6 +180,23 @@ class Embedded:
             "log gap of %d records accepted (%s): recorded as a log.gap event", gap.lost, gap.accepted_by
         )
         self.gap = None
+
+    def start_alerts(self, clock: Callable[[], float] = time.time, instance: str = "") -> None:
+        """Run the alerts consumer (consumers/alerts.py) when the config has rules; supervised
+        like the others. ValueError when a sink cannot be built (e.g. its secret_env unset)."""
+        self.alerts = build_alerts(self.cfg, self.log, clock=clock, instance=instance)
+        if self.alerts is not None:
+            self._tasks.append(asyncio.create_task(supervise(self.alerts), name="alerts-consumer"))
+
+    async def events(self, params: dict[str, str]) -> AsyncIterator[tuple[int, str, bytes]]:
+        """The live view of GET /admin/events: ValueError for bad parameters (before streaming).
+        The start offset is fixed here, before the stream's headers go out: a client that has
+        the headers sees every event appended after that."""
+        query = LiveQuery.parse(params)
+        if query.start is None:
+            end = await self.log.end_offset()
+            query.start = end if query.follow else max(0, end - query.limit)
+        return follow_events(self.log, query, self.closing)
 
     async def repair_offsets(self) -> list[str]:
         """A consumer whose committed offset is past the end of the log would wait forever for
@@ -413,7 +433,7 @@ async def start_admin_socket(cfg: Config, embedded: Embedded, app: App, addon: A
     token on data_dir/admin.sock, mode 0600: the CLI of the same user asks the running gateway
     with no configuration; [gateway] admin_token stays for remote HTTP. Named in the lock file.
     A socket that cannot be served is an ERROR line, not a refusal to serve agents."""
-    from gateway.admin import add_admin_routes
+    from gateway.admin import add_admin_routes, add_event_stream
     from gateway.proxy import health
 
     proxy = app[PROXY_KEY]
@@ -430,6 +450,7 @@ async def start_admin_socket(cfg: Config, embedded: Embedded, app: App, addon: A
     local_app = App(EdgeLimits(max_body_bytes=max(cfg.gateway.max_body_bytes, 1 << 20)))
     local_app.add_get("/healthz", health)
     add_admin_routes(local_app, None, embedded.answer, app[POLICIES_KEY].reload, addon, health=health_detail)
+    add_event_stream(local_app, None, embedded.events, addon)
     path = cfg.data_dir.absolute() / ADMIN_SOCKET
     local = HttpServer(local_app, unix_path=path)
     try:
@@ -529,6 +550,7 @@ async def serve(
         )
         addon.policies = app[POLICIES_KEY]
         proxy = app[PROXY_KEY]
+        start_live(cfg, embedded, app, addon, clock)
         t0 = time.perf_counter()
         folded = await rebuild_limiters(
             embedded.log, proxy.limiters, longest_window_s(app[POLICIES_KEY]), proxy.clock()
@@ -568,6 +590,7 @@ async def serve(
                 await r
         await stop.wait()
         log.info("stopping")
+        embedded.closing.set()
         if local is not None:
             local, closing = None, local
             await closing.close()  # first: no question is asked of a store about to close
@@ -579,3 +602,17 @@ async def serve(
         with contextlib.suppress(Exception):
             await addon.close()
         await embedded.close()
+
+
+def start_live(
+    cfg: Config, embedded: Embedded, app: Any, addon: AuditAddon, clock: Callable[[], float]
+) -> None:
+    """Alerts and the live view: the alerts consumer, and GET /admin/events (admin token)."""
+    from gateway.admin import add_event_stream
+
+    try:
+        embedded.start_alerts(clock, addon.instance)
+    except ValueError as exc:
+        raise StartupError(f"{cfg.source}: alerts: {exc}") from exc
+    if cfg.gateway.admin_token:
+        add_event_stream(app, cfg.gateway.admin_token, embedded.events, addon)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -278,3 +278,65 @@ class LogGap(_Event):
     durability: str
     accepted_by: Literal["flag", "batched"]
     counters_from_store: int = Field(0, description="charges folded from the store on top of the log's")
+
+
+# ---------------------------------------------------------------- alerts (consumers/alerts.py)
+# Alerts are events too, so `audit sql` answers "which alerts fired last week, and were they
+# delivered?" (audit_alerts / audit_alert_deliveries, schemas/clickhouse/005_alerts.sql), and
+# the alerts consumer dedupes by alert_id from them after a restart.
+
+
+class AlertFired(_Event):
+    """One alert, as the sinks receive it (the document is these fields)."""
+
+    kind: Literal["alert.fired"] = "alert.fired"
+    alert_id: str = Field(description="derived from rule, group and first event id: stable on replay")
+    rule: str
+    on: str
+    group: dict[str, str] = Field(default_factory=dict)
+    count: int = Field(description="matching events (auth failures) this alert stands for")
+    threshold: int = 1
+    window_s: float = 0.0
+    throttle_s: float | None = None
+    first_event_id: str
+    last_event_id: str
+    first_ts: int
+    last_ts: int
+    summary: bool = Field(False, description="a throttle's summary of what it suppressed")
+    suppressed: int = Field(0, description="events suppressed by the throttle (summary alerts)")
+    examples: list[dict[str, Any]] = Field(default_factory=list)
+    evidence: str = Field("", description="a `ledgergate audit ...` command line showing the events")
+    text: str = ""
+    sinks: list[str] = Field(default_factory=list, description="the sinks it is meant for")
+
+
+class AlertDelivered(_Event):
+    kind: Literal["alert.delivered"] = "alert.delivered"
+    alert_id: str
+    rule: str
+    sink: str
+    attempts: int
+    status: int | None = Field(None, description="HTTP status of the accepting answer (webhook)")
+    age_ms: float = Field(description="the alert's last event (its decision) -> accepted by the sink")
+
+
+class AlertFailed(_Event):
+    kind: Literal["alert.failed"] = "alert.failed"
+    alert_id: str
+    rule: str
+    sink: str
+    attempts: int
+    status: int | None = None
+    error: str
+    final: bool = Field(description="the sink gave up on this alert (else it retries)")
+    age_ms: float = 0.0
+
+
+ALERT_KINDS = ("alert.fired", "alert.delivered", "alert.failed")
+EVENT_KINDS = EVENT_KINDS + ALERT_KINDS
+EVENT_ADAPTER = TypeAdapter(  # type: ignore[misc]
+    Annotated[
+        Union[(*get_args(get_args(Event)[0]), AlertFired, AlertDelivered, AlertFailed)],
+        Field(discriminator="kind"),
+    ]
+)

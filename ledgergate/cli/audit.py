@@ -126,6 +126,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grant")
     p.add_argument("--limit", type=_positive, default=100, help="at most N calls, newest first (100)")
     p.add_argument("--wide", action="store_true", help="table: every column, full ids (json/csv always are)")
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="decisions as they happen (a running gateway; ledgergate/cli/live.py)",
+    )
     p.set_defaults(fn=cmd_audit)
 
     p = asub.add_parser("denials", parents=[common], help="refusals grouped by agent, tool and rule")
@@ -325,6 +331,10 @@ def _load(path: str) -> Config:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    if getattr(args, "follow", False):
+        from ledgergate.cli.live import follow_calls
+
+        return follow_calls(args)
     try:
         cfg = _load(args.config)
         question, params = question_params(args)

@@ -8,9 +8,11 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from gateway.config import Config, ConfigError
 from ledgergate.cli import audit as cli_audit
+from ledgergate.cli import live as cli_live
 from schemas.policy import PolicyError, load_policy
 
 log = logging.getLogger("ledgergate")
@@ -181,12 +183,41 @@ def _check(cfg_path: str, *, probe_listen: bool = False) -> tuple[Config | None,
             found.problems.append(
                 str(ConfigError(src, "gateway.listen", problem, _env_var("gateway.listen")))
             )
+    _check_alerts(cfg, err, found)
     for name, grant in cfg.grants.items():
         if grant.key is not None:
             found.notes.append(
                 f"grant {name}: WARNING: plain-text key in the config (use key_sha256 outside demos)"
             )
     return cfg, found
+
+
+def _check_alerts(cfg: Config, err: Any, found: Findings) -> None:
+    """[[alerts.rules]] / [[alerts.sinks]] beyond their schema: sinks that cannot run here."""
+    from consumers.alert_sinks import sink_problem
+
+    alerts = cfg.alerts
+    for i, spec in enumerate(alerts.sinks):
+        problem = sink_problem(spec, cfg.eventlog.backend)
+        if problem:
+            err(f"alerts.sinks[{i}].type", problem)
+        if spec.url is not None:
+            problem = _url_problem(spec.url)
+            if problem:
+                err(f"alerts.sinks[{i}].url", problem)
+        if spec.secret_env and not os.environ.get(spec.secret_env):
+            err(f"alerts.sinks[{i}].secret_env", f"the environment variable {spec.secret_env} is not set")
+    for i, rule in enumerate(alerts.rules):
+        if rule.on == "approval_pending":
+            found.notes.append(
+                f"alerts.rules[{i}] ({rule.name}): on = approval_pending is valid, but approvals do not "
+                "exist yet (no pending_approval decisions): it never fires"
+            )
+    if alerts.rules:
+        sinks = ", ".join(s.key for s in alerts.sinks) or "none: alert.fired events on the log only"
+        found.notes.append(f"alerts: {len(alerts.rules)} rule(s), sinks: {sinks}")
+    elif alerts.sinks:
+        found.notes.append("alerts: sinks but no [[alerts.rules]]: no alerts will fire")
 
 
 def _env_var(key: str) -> str | None:
@@ -327,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", "-c", dest="config_opt", metavar="CONFIG", help="the config file")
     p.set_defaults(fn=cmd_check)
     cli_audit.add_commands(sub)
+    cli_live.add_commands(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
