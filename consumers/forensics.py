@@ -283,17 +283,25 @@ class LaggedAnswer(tuple):
 
 
 async def lag_behind(eventlog: EventLog, consumers: list[str], now_ms: int) -> Lag | None:
-    """The lag of the slowest of ``consumers`` (their committed offsets) behind the log end,
-    None when they are all caught up. Seconds come from the oldest unfolded event's ``ts``."""
-    end = await eventlog.end_offset()
-    at = min([await eventlog.committed(name) for name in consumers] or [end])
-    if at >= end:
-        return None
-    seconds = 0.0
-    first = await eventlog.read(at, 1)
-    if first:
-        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-            ts = orjson.loads(first[0].payload).get("ts")
-            if isinstance(ts, int):
-                seconds = max(0.0, (now_ms - ts) / 1000)
-    return Lag(end - at, seconds)
+    """The lag of the slowest of ``consumers`` (their committed positions) behind the log end,
+    summed over partitions; None when they are all caught up. Seconds come from the oldest
+    unfolded event's ``ts`` (the first unfolded record of each partition)."""
+    end = await eventlog.end_position()
+    worst: Lag | None = None
+    for name in consumers:
+        committed = await eventlog.committed_position(name)
+        behind = {p: e - committed.get(p, 0) for p, e in end.items() if committed.get(p, 0) < e}
+        if not behind:
+            continue
+        seconds = 0.0
+        for p in behind:
+            first = await eventlog.read_partition(p, committed.get(p, 0), 1)
+            if first:
+                with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+                    ts = orjson.loads(first[0].payload).get("ts")
+                    if isinstance(ts, int):
+                        seconds = max(seconds, (now_ms - ts) / 1000)
+        lag = Lag(sum(behind.values()), seconds)
+        if worst is None or lag.events > worst.events:
+            worst = lag
+    return worst
