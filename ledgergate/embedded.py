@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,10 +26,10 @@ from consumers.store import AuditStore, ReadOnlyError, open_store
 from consumers.store.base import QueryLimits
 from eventlog import open_log
 from eventlog.base import EventLog
-from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
+from gateway.app import POLICIES_KEY, PROXY_KEY, UI_KEY, build_app
 from gateway.audit.writer import AuditAddon, instance_id
 from gateway.config import Config, stdio_command_problem
-from gateway.edge import HttpServer
+from gateway.edge import App, HttpServer
 from gateway.policy.rebuild import longest_window_s, rebuild_limiters
 
 log = logging.getLogger("ledgergate")
@@ -141,6 +141,22 @@ class Embedded:
             self.log, [self.audit.name, self.counters.name], int(time.time() * 1000)
         )
         return forensics.LaggedAnswer(columns, rows, lag)
+
+    async def consumer_lag(self) -> dict[str, tuple[int, float]]:
+        """Per consumer: (events, seconds) behind the event log (for /metrics)."""
+        now_ms = int(time.time() * 1000)
+        out: dict[str, tuple[int, float]] = {}
+        for consumer in (self.audit, self.counters):
+            lag = await forensics.lag_behind(self.log, [consumer.name], now_ms)
+            out[consumer.name] = (0, 0.0) if lag is None else (lag.events, lag.seconds)
+        return out
+
+    async def follow(self) -> AsyncIterator[list[bytes]]:
+        """The event log's records from now on, batch by batch (the dashboard's live stream)."""
+        tail = self.log.tail_position(await self.log.end_position())
+        async with contextlib.aclosing(tail):  # type: ignore[type-var]
+            async for batch in tail:
+                yield [r.payload for r in batch]
 
     async def _known_server(self, server: str) -> None:
         """A --server filter that names no server is a typo, not an empty answer."""
@@ -314,9 +330,29 @@ async def serve(
         auth_failure_interval_s=cfg.gateway.auth_failure_interval_s,
         auth_failure_max_keys=cfg.gateway.auth_failure_max_keys,
     )
+    from gateway.observability.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.eventlog = embedded.log
+    metrics.lag = embedded.consumer_lag
+    metrics.alerts = getattr(embedded, "alerts", None)  # the alerts consumer, once it exists
+    hook: Any = addon
+    provider: Any = None
+    if cfg.telemetry.otlp_endpoint:  # only then is OpenTelemetry imported at all
+        from gateway.observability.tracing import TracingAddon, provider_for
+
+        provider = provider_for(cfg.telemetry)
+        hook = TracingAddon(addon, provider)
+    metrics_server: HttpServer | None = None
     try:
         app = build_app(
-            cfg, addons=[addon], clock=clock, admin=embedded.answer if cfg.gateway.admin_token else None
+            cfg,
+            addons=[hook],
+            clock=clock,
+            admin=embedded.answer if cfg.gateway.admin_token else None,
+            metrics=metrics,
+            trace_incoming=provider is not None,
+            ui_events=embedded.follow,
         )
         addon.policies = app[POLICIES_KEY]
         proxy = app[PROXY_KEY]
@@ -332,6 +368,20 @@ async def serve(
             await server.start()
         except OSError as exc:
             raise StartupError(f"cannot serve on {cfg.gateway.listen}: {exc.strerror or exc}") from exc
+        metrics.servers["gateway"] = server
+        if cfg.gateway.metrics_listen:
+            metrics_app = App()
+            metrics_app.add_get("/metrics", metrics.handler(None))
+            host, _, port = cfg.gateway.metrics_listen.rpartition(":")
+            metrics_server = HttpServer(metrics_app, host.strip("[]"), int(port))
+            try:
+                await metrics_server.start()
+            except OSError as exc:
+                await server.close()
+                raise StartupError(
+                    f"cannot serve metrics on {cfg.gateway.metrics_listen}: {exc.strerror or exc}"
+                ) from exc
+            log.info("metrics on http://%s:%d/metrics", metrics_server.host, metrics_server.port)
         if stop is None:  # standalone: SIGINT/SIGTERM stop it (tests pass their own event)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -352,8 +402,17 @@ async def serve(
                 await r
         await stop.wait()
         log.info("stopping")
+        ui = app.get(UI_KEY)
+        if ui is not None:
+            ui.close()  # open dashboard streams end now, not after the graceful-shutdown timeout
+        if metrics_server is not None:
+            await metrics_server.close()
         await server.close()
     finally:
+        if provider is not None:
+            hook.close()
+            with contextlib.suppress(Exception):  # flushes the last spans: blocking HTTP, off the loop
+                await asyncio.to_thread(provider.shutdown)
         with contextlib.suppress(Exception):
             await addon.close()
         await embedded.close()
