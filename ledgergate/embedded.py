@@ -332,10 +332,12 @@ async def serve(
     )
     from gateway.observability.metrics import Metrics
 
-    metrics = Metrics()
-    metrics.eventlog = embedded.log
-    metrics.lag = embedded.consumer_lag
-    metrics.alerts = getattr(embedded, "alerts", None)  # the alerts consumer, once it exists
+    # counted only when someone can read them: /metrics behind the admin token, or metrics_listen
+    metrics = Metrics() if cfg.gateway.admin_token or cfg.gateway.metrics_listen else None
+    if metrics is not None:
+        metrics.eventlog = embedded.log
+        metrics.lag = embedded.consumer_lag
+        metrics.alerts = getattr(embedded, "alerts", None)  # the alerts consumer, once it exists
     hook: Any = addon
     provider: Any = None
     if cfg.telemetry.otlp_endpoint:  # only then is OpenTelemetry imported at all
@@ -368,8 +370,9 @@ async def serve(
             await server.start()
         except OSError as exc:
             raise StartupError(f"cannot serve on {cfg.gateway.listen}: {exc.strerror or exc}") from exc
-        metrics.servers["gateway"] = server
-        if cfg.gateway.metrics_listen:
+        if metrics is not None:
+            metrics.servers["gateway"] = server
+        if metrics is not None and cfg.gateway.metrics_listen:
             metrics_app = App()
             metrics_app.add_get("/metrics", metrics.handler(None))
             host, _, port = cfg.gateway.metrics_listen.rpartition(":")
