@@ -40,11 +40,9 @@ MODES = ("baseline", "metrics", "tracing")
 
 # `--serve CONFIG`: run the gateway with tracing exporting to a no-op exporter
 SERVE = """
-import asyncio, sys
+import sys
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 import gateway.observability.tracing as tracing
-from gateway.config import load_config
-from ledgergate.embedded import serve
 
 class Noop(SpanExporter):
     def export(self, spans):
@@ -52,7 +50,8 @@ class Noop(SpanExporter):
 
 real = tracing.provider_for
 tracing.provider_for = lambda telemetry, exporter=None: real(telemetry, Noop())
-asyncio.run(serve(load_config(sys.argv[1])))
+from ledgergate.cli.main import main  # the same path as `ledgergate run` (uvloop, logging)
+sys.exit(main(["run", "--config", sys.argv[1]]))
 """
 
 
@@ -109,12 +108,78 @@ def load(url: str, pid: int, concurrency: int, duration: float) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def micro(n: int = 20_000) -> dict[str, float]:
+    """CPU per call of the hooks alone, in this process (no I/O, no noise from the machine):
+    the metrics addon's completed(), and the tracing addon's decided() + completed() around a
+    no-op inner addon, spans going to a no-op exporter through a BatchSpanProcessor."""
+    import asyncio
+    import time
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from gateway.audit.hooks import Addon
+    from gateway.auth import Grant
+    from gateway.config import TelemetrySection
+    from gateway.mcp.flow import CallFlow
+    from gateway.observability.metrics import MetricsAddon
+    from gateway.observability.tracing import TracingAddon, provider_for
+    from gateway.policy.engine import Decision
+
+    class Noop(SpanExporter):
+        def export(self, spans):  # type: ignore[no-untyped-def]
+            return SpanExportResult.SUCCESS
+
+    grant = Grant(name="bench", agent="bench-agent", digest=b"")
+    decision = Decision("allow", "/tools/open_session", None, (), None, ())
+
+    def flow() -> CallFlow:
+        f = CallFlow(
+            "bench", "tools/call", 1, {"name": "open_session"}, grant, None, None, tool="open_session"
+        )
+        f.decision = decision
+        f.forwarded_at = f.started
+        f.finish("ok")
+        return f
+
+    flows = [flow() for _ in range(n)]
+    m = MetricsAddon()
+    t0 = time.process_time()
+    for f in flows:
+        m.completed(f)
+    metrics_us = (time.process_time() - t0) / n * 1e6
+
+    provider = provider_for(TelemetrySection(otlp_endpoint="http://127.0.0.1:9/v1/traces"), Noop())
+    tracing = TracingAddon(Addon(), provider)
+
+    async def traced() -> float:
+        t0 = time.process_time()
+        for f in flows:
+            await tracing.decided(f)
+            tracing.completed(f)
+        return (time.process_time() - t0) / n * 1e6
+
+    tracing_us = asyncio.run(traced())
+    provider.shutdown()
+    tracing.close()
+    return {"metrics_completed_us": metrics_us, "tracing_decided_completed_us": tracing_us}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("-c", "--concurrency", type=int, default=8)
+    ap.add_argument("--micro-only", action="store_true", help="only the in-process hook costs")
     a = ap.parse_args()
+    hooks = micro()
+    print(
+        f"hooks alone, in process: metrics completed() {hooks['metrics_completed_us']:.2f} us/call, "
+        f"tracing decided()+completed() {hooks['tracing_decided_completed_us']:.2f} us/call "
+        "(3 spans, no-op exporter)",
+        flush=True,
+    )
+    if a.micro_only:
+        return
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     with tempfile.TemporaryDirectory(prefix="lg-bench-obs-") as tmp:
         work = Path(tmp)
