@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= examples/ledgergate.toml
 
-.PHONY: run test check lint bench upstreams upstreams-bench upstreams-test clean
+.PHONY: run test check lint bench browser upstreams upstreams-bench upstreams-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,12 @@ run: $(VENV)/.run-installed upstreams
 check: $(VENV)/.run-installed
 	$(BIN)/ledgergate check -c $(CONFIG)
 
-test: $(VENV)/.dev-installed upstreams-test
+# Debian's chromium for the dashboard's browser tests (playwright drives it; never
+# `playwright install`, which downloads a browser). CI runs as root on a fresh Debian.
+browser:
+	command -v chromium || (apt-get update && apt-get install -y chromium)
+
+test: $(VENV)/.dev-installed upstreams-test browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(VENV)/.dev-installed

@@ -41,6 +41,7 @@ Callers must know:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import queue
@@ -182,14 +183,60 @@ def _insert(conn: sqlite3.Connection, base: int, ts: int, payloads: list[bytes])
 class _Batch:
     """Records that will be committed in one transaction, and who waits for it."""
 
-    __slots__ = ("first", "payloads", "urgent", "waiters")
+    __slots__ = ("created", "first", "payloads", "urgent", "waiters")
 
     def __init__(self, first: int, urgent: bool) -> None:
+        self.created = time.perf_counter()  # its first record's wait starts here (AppendStats)
         self.first = first  # batched mode: the offset promised to payloads[0]
         self.payloads: list[bytes] = []
         # (future, index of the caller's last record in payloads; -1 for flush waiters)
         self.waiters: list[tuple[asyncio.Future[int], int]] = []
         self.urgent = urgent  # commit as soon as the writer is free
+
+
+# upper bounds of AppendStats' histograms (seconds; records per commit)
+APPEND_SECONDS_BOUNDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_RECORDS_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class AppendStats:
+    """Counters of the group commit, updated once per committed batch (never per record) and
+    read by the metrics collector at scrape time: plain ints, so the hot path pays nothing
+    beyond one perf_counter and a few additions per transaction.
+
+    ``*_buckets[i]`` counts observations <= the i-th bound (not cumulative; the last slot
+    is +Inf). ``wait`` is from the batch's first record queued to its commit (the longest
+    append() latency of the batch); ``commit`` the transaction alone (write + fsync)."""
+
+    __slots__ = (
+        "batch_buckets",
+        "batches",
+        "commit_buckets",
+        "commit_s",
+        "failures",
+        "records",
+        "wait_buckets",
+        "wait_s",
+    )
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.records = 0
+        self.failures = 0
+        self.commit_s = 0.0
+        self.wait_s = 0.0
+        self.commit_buckets = [0] * (len(APPEND_SECONDS_BOUNDS) + 1)
+        self.wait_buckets = [0] * (len(APPEND_SECONDS_BOUNDS) + 1)
+        self.batch_buckets = [0] * (len(BATCH_RECORDS_BOUNDS) + 1)
+
+    def committed(self, records: int, wait_s: float, commit_s: float) -> None:
+        self.batches += 1
+        self.records += records
+        self.wait_s += wait_s
+        self.commit_s += commit_s
+        self.wait_buckets[bisect.bisect_left(APPEND_SECONDS_BOUNDS, wait_s)] += 1
+        self.commit_buckets[bisect.bisect_left(APPEND_SECONDS_BOUNDS, commit_s)] += 1
+        self.batch_buckets[bisect.bisect_left(BATCH_RECORDS_BOUNDS, records)] += 1
 
 
 class SqliteEventLog(EventLog):
@@ -233,6 +280,8 @@ class SqliteEventLog(EventLog):
         self._error: LogUnavailable | None = None  # batched: last commit failed, retrying
         self._retry_s = _RETRY_MIN_S
         self._committed = asyncio.Event()  # replaced after each commit; tails wait on it
+        self.stats = AppendStats()  # read by gateway.observability.metrics at scrape time
+        self._commit_started = 0.0
 
     def __repr__(self) -> str:
         return f"SqliteEventLog({str(self.path)!r}, durability={self.durability!r})"
@@ -582,6 +631,7 @@ class SqliteEventLog(EventLog):
             self._timer = None
         self._inflight = b
         payloads = b.payloads
+        self._commit_started = time.perf_counter()
         self._writer.post(  # type: ignore[union-attr]
             lambda: self._w_write(payloads), lambda base, exc: self._on_commit(b, base, exc)
         )
@@ -590,6 +640,8 @@ class SqliteEventLog(EventLog):
         self._inflight = None
         if exc is None:
             assert base is not None
+            now = time.perf_counter()
+            self.stats.committed(len(b.payloads), now - b.created, now - self._commit_started)
             for fut, idx in b.waiters:
                 if not fut.done():
                     fut.set_result(base + idx)
@@ -606,8 +658,10 @@ class SqliteEventLog(EventLog):
                     self._assigned_end += base - b.first
             self._wake_tails()
         elif self._strict:
+            self.stats.failures += 1
             self._fail_waiters(b, exc)
         else:
+            self.stats.failures += 1
             self._requeue(b, exc)
         p = self._pending
         if p is not None and (p.urgent or p.waiters):

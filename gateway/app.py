@@ -24,6 +24,7 @@ log = logging.getLogger("ledgergate")
 
 PROXY_KEY = "proxy"  # app[PROXY_KEY] is the Proxy
 POLICIES_KEY = "policies"  # app[POLICIES_KEY] is the PolicySet
+UI_KEY = "ui"  # app.get(UI_KEY) is the dashboard (gateway.ui.dashboard.Dashboard), if mounted
 
 
 def build_upstreams(cfg: Config) -> dict[str, Upstream]:
@@ -48,13 +49,21 @@ def build_app(
     addons: list[Addon] | None = None,
     clock: Callable[[], float] = time.time,
     admin: Callable[[str, dict[str, Any]], Awaitable[tuple[list[str], list[tuple[Any, ...]]]]] | None = None,
+    metrics: Any = None,
+    trace_incoming: bool = False,
+    ui_events: Callable[[], AsyncIterator[list[bytes]]] | None = None,
 ) -> App:
     """The gateway app. `addons` hook into every flow (audit, metrics); `admin` answers the
-    forensic questions of the admin API (mounted when the config has an admin_token)."""
+    forensic questions of the admin API and the dashboard (mounted when the config has an
+    admin_token). `metrics` (gateway.observability.metrics.Metrics): its addon joins the
+    chain and GET /metrics is served behind the admin token. `trace_incoming`: keep each
+    request's traceparent for the tracing addon. `ui_events`: the dashboard's live stream."""
     chain = AddonChain(addons)
     # windows follow UTC wall time, but a clock stepped back must never reopen a charged window
     if not isinstance(clock, MonotonicWallClock):
         clock = MonotonicWallClock(clock)
+    if metrics is not None:
+        chain.add(metrics.addon)
     policies = PolicySet({name: cfg.policy_path(name) for name in cfg.servers}, chain)
     policies.load_all()  # raises PolicyError naming the file: fail at start, never serve without a policy
     upstreams = build_upstreams(cfg)
@@ -87,7 +96,12 @@ def build_app(
     )
     app[PROXY_KEY] = proxy
     app[POLICIES_KEY] = policies
-    app.add_post("/mcp/{server}", proxy.post)
+    post = proxy.post
+    if trace_incoming:  # only with tracing on: otherwise the hot path has no wrapper at all
+        from gateway.observability.propagate import capture
+
+        post = capture(post)
+    app.add_post("/mcp/{server}", post)
     app.add_get("/mcp/{server}", proxy.get)
     app.add_delete("/mcp/{server}", proxy.delete)
     app.add_head("/mcp/{server}", proxy.head)
@@ -99,6 +113,14 @@ def build_app(
         from gateway.admin import add_admin_routes
 
         add_admin_routes(app, cfg.gateway.admin_token, admin, policies.reload, chain)
+        from gateway.ui.dashboard import add_ui_routes
+
+        app[UI_KEY] = add_ui_routes(app, cfg.gateway.admin_token, admin, policies, chain, ui_events)
+    if metrics is not None:
+        metrics.proxy = proxy
+        metrics.addon.bind_policies(policies)
+        if cfg.gateway.admin_token:
+            app.add_get("/metrics", metrics.handler(cfg.gateway.admin_token))
 
     async def lifecycle(app: App) -> AsyncIterator[None]:
         for up in upstreams.values():
@@ -112,6 +134,9 @@ def build_app(
 
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policies.reload)
         yield
+        ui = app.get(UI_KEY)
+        if ui is not None:
+            ui.close()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

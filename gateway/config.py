@@ -1,7 +1,7 @@
 """The gateway's TOML config file, validated by pydantic.
 
 Sections: [gateway], [servers.NAME], [grants.NAME], [eventlog], [store], [[alerts.rules]],
-[[alerts.sinks]] (schemas/alerts.py).
+[[alerts.sinks]] (schemas/alerts.py), [telemetry].
 Relative paths (policy files, data_dir, a server command's program) are resolved
 against the config file's folder. Environment variables LEDGERGATE_<SECTION>_<KEY>
 override scalar keys of the [gateway], [eventlog] and [store] sections.
@@ -82,10 +82,15 @@ class GatewaySection(_Section):
     auth_failure_max_keys: int = Field(
         1024, gt=0, description="(address, server, reason) keys tracked; beyond, one bucket per reason"
     )
+    metrics_listen: str | None = Field(
+        None, description="HOST:PORT serving only GET /metrics, without authentication"
+    )
 
-    @field_validator("listen")
+    @field_validator("listen", "metrics_listen")
     @classmethod
-    def _listen(cls, v: str) -> str:
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
@@ -186,6 +191,22 @@ class StoreSection(_Section):
     check_interval_s: float = Field(300.0, ge=0, description="projection check interval")
 
 
+class TelemetrySection(_Section):
+    """OpenTelemetry traces: off (nothing imported, nothing paid per call) unless otlp_endpoint."""
+
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint, e.g. http://127.0.0.1:4318/v1/traces"
+    )
+    service_name: str = "ledgergate"
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
 class Config(_Section):
     gateway: GatewaySection = Field(default_factory=GatewaySection)
     servers: dict[str, ServerSection] = Field(default_factory=dict)
@@ -193,6 +214,7 @@ class Config(_Section):
     eventlog: EventlogSection = Field(default_factory=EventlogSection)
     store: StoreSection = Field(default_factory=StoreSection)
     alerts: AlertsSection = Field(default_factory=AlertsSection)
+    telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
 
     # set by load_config, not by the file
     source: Path = Path("ledgergate.toml")
@@ -216,7 +238,12 @@ class Config(_Section):
         return argv
 
 
-_ENV_SECTIONS = {"gateway": GatewaySection, "eventlog": EventlogSection, "store": StoreSection}
+_ENV_SECTIONS = {
+    "gateway": GatewaySection,
+    "eventlog": EventlogSection,
+    "store": StoreSection,
+    "telemetry": TelemetrySection,
+}
 
 
 def _env_overrides(data: dict[str, Any], environ: dict[str, str]) -> tuple[dict[str, str], list[str]]:

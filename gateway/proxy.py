@@ -34,6 +34,7 @@ from gateway.mcp import jsonrpc
 from gateway.mcp.flow import CallFlow
 from gateway.mcp.jsonrpc import InvalidMessage, Kind
 from gateway.mcp.sessions import MODERN_VERSIONS, SUPPORTED_VERSIONS, Session, SessionRegistry, new_session_id
+from gateway.observability import propagate
 from gateway.policy.engine import Call, Decision, can_ever_call, decide, refusal_text
 from gateway.policy.limiter import Limiter
 from gateway.policy.live import PolicySet
@@ -431,6 +432,7 @@ class Proxy:
         """Forward an allowed request; answer the agent with what the upstream said, record how it ended."""
         initialize = on_open is not None
         flow.forwarded_at = time.perf_counter()
+        inbound.traceparent = propagate.traceparent(flow)  # None unless tracing is on
         try:
             reply = await upstream.request(inbound, session, initialize)
         except Refused as exc:

@@ -32,7 +32,7 @@ from consumers.store import AuditStore, ReadOnlyError, StoreError, open_store
 from consumers.store.base import QueryLimits
 from eventlog import open_log
 from eventlog.base import EventLog
-from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
+from gateway.app import POLICIES_KEY, PROXY_KEY, UI_KEY, build_app
 from gateway.audit.hooks import Addon
 from gateway.audit.writer import AuditAddon, instance_id
 from gateway.config import Config, stdio_command_problem
@@ -253,6 +253,22 @@ class Embedded:
         answer = forensics.LaggedAnswer(columns, rows, lag)
         answer.rebuilding = self.checker.rebuilding()  # never silently partial
         return answer
+
+    async def consumer_lag(self) -> dict[str, tuple[int, float]]:
+        """Per consumer: (events, seconds) behind the event log (for /metrics)."""
+        now_ms = int(time.time() * 1000)
+        out: dict[str, tuple[int, float]] = {}
+        for consumer in (self.audit, self.counters):
+            lag = await forensics.lag_behind(self.log, [consumer.name], now_ms)
+            out[consumer.name] = (0, 0.0) if lag is None else (lag.events, lag.seconds)
+        return out
+
+    async def follow(self) -> AsyncIterator[list[bytes]]:
+        """The event log's records from now on, batch by batch (the dashboard's live stream)."""
+        tail = self.log.tail_position(await self.log.end_position())
+        async with contextlib.aclosing(tail):  # type: ignore[type-var]
+            async for batch in tail:
+                yield [r.payload for r in batch]
 
     async def _known_server(self, server: str) -> None:
         """A --server filter that names no server is a typo, not an empty answer."""
@@ -544,9 +560,31 @@ async def serve(
         auth_failure_max_keys=cfg.gateway.auth_failure_max_keys,
     )
     local: HttpServer | None = None
+    from gateway.observability.metrics import Metrics
+
+    # counted only when someone can read them: /metrics behind the admin token, or metrics_listen
+    metrics = Metrics() if cfg.gateway.admin_token or cfg.gateway.metrics_listen else None
+    if metrics is not None:
+        metrics.eventlog = embedded.log
+        metrics.lag = embedded.consumer_lag
+        metrics.alerts = getattr(embedded, "alerts", None)  # the alerts consumer, once it exists
+    hook: Any = addon
+    provider: Any = None
+    if cfg.telemetry.otlp_endpoint:  # only then is OpenTelemetry imported at all
+        from gateway.observability.tracing import TracingAddon, provider_for
+
+        provider = provider_for(cfg.telemetry)
+        hook = TracingAddon(addon, provider)
+    metrics_server: HttpServer | None = None
     try:
         app = build_app(
-            cfg, addons=[addon], clock=clock, admin=embedded.answer if cfg.gateway.admin_token else None
+            cfg,
+            addons=[hook],
+            clock=clock,
+            admin=embedded.answer if cfg.gateway.admin_token else None,
+            metrics=metrics,
+            trace_incoming=provider is not None,
+            ui_events=embedded.follow,
         )
         addon.policies = app[POLICIES_KEY]
         proxy = app[PROXY_KEY]
@@ -570,6 +608,21 @@ async def serve(
         except OSError as exc:
             raise StartupError(f"cannot serve on {cfg.gateway.listen}: {exc.strerror or exc}") from exc
         local = await start_admin_socket(cfg, embedded, app, addon)
+        if metrics is not None:
+            metrics.servers["gateway"] = server
+        if metrics is not None and cfg.gateway.metrics_listen:
+            metrics_app = App()
+            metrics_app.add_get("/metrics", metrics.handler(None))
+            host, _, port = cfg.gateway.metrics_listen.rpartition(":")
+            metrics_server = HttpServer(metrics_app, host.strip("[]"), int(port))
+            try:
+                await metrics_server.start()
+            except OSError as exc:
+                await server.close()
+                raise StartupError(
+                    f"cannot serve metrics on {cfg.gateway.metrics_listen}: {exc.strerror or exc}"
+                ) from exc
+            log.info("metrics on http://%s:%d/metrics", metrics_server.host, metrics_server.port)
         if stop is None:  # standalone: SIGINT/SIGTERM stop it (tests pass their own event)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -591,14 +644,23 @@ async def serve(
         await stop.wait()
         log.info("stopping")
         embedded.closing.set()
+        ui = app.get(UI_KEY)
+        if ui is not None:
+            ui.close()  # open dashboard streams end now, not after the graceful-shutdown timeout
         if local is not None:
             local, closing = None, local
             await closing.close()  # first: no question is asked of a store about to close
+        if metrics_server is not None:
+            await metrics_server.close()
         await server.close()
     finally:
         if local is not None:  # failed or cancelled before a clean stop: still remove the socket
             with contextlib.suppress(Exception):
                 await local.close()
+        if provider is not None:
+            hook.close()
+            with contextlib.suppress(Exception):  # flushes the last spans: blocking HTTP, off the loop
+                await asyncio.to_thread(provider.shutdown)
         with contextlib.suppress(Exception):
             await addon.close()
         await embedded.close()

@@ -30,6 +30,7 @@ class Inbound:
     headers: Mapping[str, str]  # the agent's headers, case-insensitive (a transport forwards a few)
     request: Request | None = None  # the agent's connection, to abort (None in unit tests)
     started: bool = False  # the answer's head went out: an error can only close the connection
+    traceparent: str | None = None  # W3C trace context for the upstream (tracing on only)
 
     @property
     def remote(self) -> str | None:

@@ -80,6 +80,8 @@ class HttpUpstream(Upstream):
                 raise Refused(400, f"Bad Request: the {k} header is not valid UTF-8 text")
         if session.upstream_session:
             h.append(("Mcp-Session-Id", session.upstream_session))
+        if inbound.traceparent is not None:  # the gateway's upstream span continues the trace
+            h.append(("traceparent", inbound.traceparent))
         return h
 
     def _failed(self, exc: BaseException, sent: bool = True) -> UpstreamFailed:

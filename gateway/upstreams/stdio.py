@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import orjson
 
 from gateway.mcp import jsonrpc
+from gateway.observability import propagate
 from gateway.upstreams.base import Event, Inbound, Refused, Upstream, UpstreamFailed, UpstreamReply
 
 if TYPE_CHECKING:
@@ -154,6 +155,7 @@ class StdioProcess:
         self._tasks: list[asyncio.Task[None]] = []
         self._failures = 0
         self._started_at = 0.0
+        self.spawns = 0  # children started (the first start is not a restart): /metrics
         self.closing = False
 
     @property
@@ -201,6 +203,7 @@ class StdioProcess:
             self._failures += 1
             raise UpstreamDown(f"{self.label} could not start {self.up.argv[0]!r}: {exc.strerror}") from None
         self._started_at = time.monotonic()
+        self.spawns += 1
         log.info("%s: started pid %d", self.label, self.proc.pid)
         self._tasks = [
             asyncio.create_task(self._read_stdout(self.proc)),
@@ -501,6 +504,8 @@ class StdioUpstream(Upstream):
         proc = self.process(session.grant.name)
         msg = inbound.message
         assert msg is not None
+        if inbound.traceparent is not None:  # stdio has no headers: params._meta (the MCP spec allows it)
+            msg = propagate.in_meta(msg, inbound.traceparent)
         if initialize:
             cached = proc.cached_initialize(msg)
             if cached is not None:  # the child is initialized: nothing is sent (sent=False)

@@ -20,7 +20,8 @@ import aiohttp
 import orjson
 
 from gateway.config import Config
-from ledgergate.cli.audit import CliError, _load, _session
+from ledgergate.cli.audit import CliError, _load
+from ledgergate.cli.link import session as _session
 
 
 async def find_gateway(cfg: Config) -> tuple[str, str | None, str | None]:
