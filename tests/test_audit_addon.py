@@ -1,6 +1,7 @@
 """The audit addon writes events exactly in the shape of the pydantic models in schemas/events.py
-(they are built as dicts for speed: these tests validate every kind against the models), and it
-writes ahead: the decision is on the log when decided() returns."""
+(they are built as dicts for speed, by the builders next to the models: these tests validate every
+kind the addon writes against the models, byte for byte), and it writes ahead: the decision is on
+the log when decided() returns."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from schemas.events import (
     SessionClosed,
     SessionOpened,
     decode,
+    encode,
 )
 
 POLICY = (
@@ -86,8 +88,11 @@ async def test_every_event_validates_against_its_model(tmp_path: Path) -> None:
     addon.completed(flow)
     addon.session_closed(session, "deleted")
     await addon.close()
-    events = [decode(r.payload) for r in await log.read(0)]
+    records = await log.read(0)
+    events = [decode(r.payload) for r in records]
     await log.close()
+    # byte for byte what the model itself encodes: same fields, same order, same values
+    assert [encode(e) for e in events] == [r.payload for r in records]
     assert [type(e) for e in events] == [
         PolicyLoaded,
         SessionOpened,
@@ -138,8 +143,10 @@ async def test_security_events_validate_against_their_models(tmp_path: Path) -> 
     addon.admin_request(AdminRequest("who", caller="local", error="store_unavailable", message="down"))
     addon.admin_request(AdminRequest("reload", status=200, results={"wa": None, "x": "broken json"}))
     await addon.close()
-    events = [decode(r.payload) for r in await log.read(0)]
+    records = await log.read(0)
+    events = [decode(r.payload) for r in records]
     await log.close()
+    assert [encode(e) for e in events] == [r.payload for r in records]
     assert [type(e) for e in events] == [
         AuthFailed,
         AuthFailed,
