@@ -117,12 +117,35 @@ async def test_every_event_validates_against_its_model(tmp_path: Path) -> None:
         "bot-a",
     )
     assert decided.request_id == "7" and decided.client_name == "claude"
+    # every field from its own source (the writer passes the hot builders' values by position)
+    assert (decided.gateway, decided.server, decided.method, decided.tool, decided.session) == (
+        "gw-1",
+        "wa",
+        "tools/call",
+        "send_message",
+        "s-1",
+    )
+    assert (decided.protocol_version, decided.client_version, decided.remote) == (
+        "2025-11-25",
+        "1.0",
+        "127.0.0.1",
+    )
+    assert (decided.reason, decided.retry_after_s) == (flow.decision.reason, flow.decision.retry_after_s)
     assert [c.counter for c in decided.charges] == ["msgs"] and decided.charges[0].key == "bot-a"
     assert decided.counters[0].count == 1 and decided.counters[0].max == 5
     assert decided.policy_version == policies["wa"].version
     completed = events[3]
     assert isinstance(completed, CallCompleted)
     assert completed.outcome == "is_error" and completed.response_bytes == 42
+    assert (completed.gateway, completed.server, completed.method, completed.tool) == (
+        "gw-1",
+        "wa",
+        "tools/call",
+        "send_message",
+    )
+    assert (completed.grant, completed.agent, completed.session) == ("alice", "bot-a", "s-1")
+    assert (completed.error_code, completed.error_message) == (flow.error_code, flow.error_message)
+    assert completed.upstream_ms is not None and completed.upstream_ms == round(flow.upstream_ms or 0, 3)
     assert events[4].reason == "deleted"
     assert len({e.event_id for e in events}) == 5
 

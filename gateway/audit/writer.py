@@ -189,56 +189,55 @@ class AuditAddon(Addon):
             stored = redact(args, paths)
         else:
             stored = None
+        # by position, in CallDecided's field order: keyword arguments cost ~1 us per event
         return E.call_decided(
-            gateway=self.instance,
-            call_id=flow.call_id,
-            server=flow.server,
-            method=flow.method,
-            tool=flow.tool,
-            request_id=id_text(flow.request_id),
-            grant=flow.grant.name,
-            agent=flow.grant.agent,
-            session=session.id if session is not None else None,
-            protocol_version=session.protocol_version if session is not None else None,
-            client_name=session.client_name if session is not None else None,
-            client_version=session.client_version if session is not None else None,
-            remote=flow.remote,
-            arguments=stored,
-            args_sha256=args_sha256(args) if args is not None else None,
-            decision=d.action,
-            rule=d.rule,
-            reason=d.reason,
-            retry_after_s=d.retry_after_s,
-            counters=[
+            self.instance,
+            flow.call_id,
+            flow.server,
+            flow.method,
+            flow.tool,
+            id_text(flow.request_id),
+            flow.grant.name,
+            flow.grant.agent,
+            session.id if session is not None else None,
+            session.protocol_version if session is not None else None,
+            session.client_name if session is not None else None,
+            session.client_version if session is not None else None,
+            flow.remote,
+            stored,  # arguments
+            args_sha256(args) if args is not None else None,
+            d.action,  # decision
+            d.rule,
+            d.reason,
+            d.retry_after_s,
+            [
                 E.counter_state(
                     s.key.counter, s.key.scope, s.key.key, s.key.window_s, s.key.window_start, s.count, s.max
                 )
                 for s in d.counters
             ],
-            charges=[
-                E.counter_charge(k.counter, k.key, k.scope, k.window_start, k.window_s) for k in d.charges
-            ],
-            policy_version=flow.policy_version,
+            [E.counter_charge(k.counter, k.key, k.scope, k.window_start, k.window_s) for k in d.charges],
+            flow.policy_version,
         )
 
     # ---- queued events ----------------------------------------------------------------------
 
     def completed(self, flow: CallFlow) -> None:
         session = flow.session
-        ev = E.call_completed(
-            gateway=self.instance,
-            call_id=flow.call_id,
-            server=flow.server,
-            method=flow.method,
-            tool=flow.tool,
-            grant=flow.grant.name,
-            agent=flow.grant.agent,
-            session=session.id if session is not None else None,
-            outcome=flow.outcome or "cancelled",
-            error_code=flow.error_code,
-            error_message=flow.error_message,
-            upstream_ms=None if flow.upstream_ms is None else round(flow.upstream_ms, 3),
-            response_bytes=flow.response_bytes,
+        ev = E.call_completed(  # by position, in CallCompleted's field order (one per call)
+            self.instance,
+            flow.call_id,
+            flow.server,
+            flow.method,
+            flow.tool,
+            flow.grant.name,
+            flow.grant.agent,
+            session.id if session is not None else None,
+            flow.outcome or "cancelled",
+            flow.error_code,
+            flow.error_message,
+            None if flow.upstream_ms is None else round(flow.upstream_ms, 3),
+            flow.response_bytes,
         )
         self._queue(ev)
 
