@@ -24,25 +24,24 @@ import orjson
 from consumers.runner import LogConsumer
 from consumers.store import AuditStore
 from eventlog.base import EventLog
-from schemas.events import ALERT_KINDS, CALL_KINDS, SECURITY_KINDS, decode_raw
+from schemas.events import ALERT_KINDS, CALL_KINDS, KIND_MARKER, SECURITY_KINDS, decode_raw
 
 log_ = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], Any]
 
-
-_KIND = b'"kind":"'
+_KIND_LEN = len(KIND_MARKER)
 
 
 def event_kind(payload: bytes) -> str | None:
     """The kind of one event payload: the FIRST ``"kind":"`` of the gateway's compact JSON,
     which precedes every agent-controlled field (an argument object holding ``"kind":
     "auth.failed"`` must not move a call.decided to another table); else parsed."""
-    k = payload.find(_KIND)
+    k = payload.find(KIND_MARKER)
     if k >= 0:
-        end = payload.find(b'"', k + 8)
+        end = payload.find(b'"', k + _KIND_LEN)
         if end > 0:
-            return payload[k + 8 : end].decode("utf-8", "replace")
+            return payload[k + _KIND_LEN : end].decode("utf-8", "replace")
     try:
         ev = decode_raw(payload)
     except orjson.JSONDecodeError:

@@ -16,7 +16,7 @@ import orjson
 from consumers.store.base import AuditStore, StoreError
 from eventlog.base import EventLog, Position, Record
 from eventlog.ratelog import AggregatingLog
-from schemas.events import EVENT_KINDS, decode_raw
+from schemas.events import EVENT_ID_MARKER, EVENT_KINDS, KIND_MARKER, decode_raw, kind_marker
 
 log_ = logging.getLogger(__name__)
 log = logging.getLogger("ledgergate")
@@ -64,12 +64,12 @@ class LogConsumer:
         markers = self._markers
         for rec in records:
             p = rec.payload
-            if not strict and p[:1] == b"{" and b'"event_id":"' in p:
+            if not strict and p[:1] == b"{" and EVENT_ID_MARKER in p:
                 hit = [m for m in markers if m in p]
                 if hit:
                     out.append(p)
                     continue
-                if b'"kind":"' in p:
+                if KIND_MARKER in p:
                     continue  # a kind this consumer does not want
             try:
                 ev = decode_raw(p)
@@ -87,7 +87,7 @@ class LogConsumer:
 
     @property
     def _markers(self) -> list[bytes]:
-        return [b'"kind":"' + k.encode() + b'"' for k in self.kinds]
+        return [kind_marker(k) for k in self.kinds]
 
     def route(self, payloads: list[bytes]) -> list[tuple[str, list[bytes]]]:
         """(table, payloads) to insert; one table unless a subclass routes kinds."""

@@ -15,6 +15,21 @@ Kinds:
                   between `first_ts` and `last_ts`; never any key material
 - admin.query     an admin API (or local CLI) forensic question: who asked what, how it ended
 - admin.reload    a policy reload asked over the admin API
+
+This module is the ONE place the shape lives. Next to each pydantic model sits its
+builder, a plain function (registered with ``@builds(Model)``) that returns the event as
+a dict in the model's field order: the gateway writes events through the builders
+(pydantic costs ~20x more than the dict on the hot path), and
+tests/test_events_builders.py pins that every builder's bytes are exactly what the model
+itself would encode. The byte markers the log scanners use (counter rebuild, consumer
+selectors) are defined at the end, from the models' field names, with the field-order
+contract they rely on. The ClickHouse DDL is checked against the models by
+tests/test_events_ddl.py.
+
+To add a kind: its model (fields in the order they are written), a ``@builds`` builder
+returning the same keys in the same order, the model in ``Event`` and its kind in
+``CALL_KINDS`` / ``SECURITY_KINDS`` (or a new tuple in ``EVENT_KINDS``), and the columns
+in schemas/clickhouse/*.sql if it is stored there; the tests say what is missing.
 """
 
 from __future__ import annotations
@@ -22,7 +37,8 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Annotated, Any, Literal, Union, get_args
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -58,6 +74,23 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+Builder = Callable[..., dict[str, Any]]
+BUILDERS: dict[type[BaseModel], Builder] = {}
+"""model -> its fast builder (the tests check every model has one and that they agree)."""
+
+_B = TypeVar("_B", bound=Builder)
+
+
+def builds(model: type[BaseModel]) -> Callable[[_B], _B]:
+    """Register ``fn`` as the builder of ``model`` (no cost per call: returns ``fn`` itself)."""
+
+    def register(fn: _B) -> _B:
+        BUILDERS[model] = fn
+        return fn
+
+    return register
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -83,6 +116,17 @@ class CounterCharge(BaseModel):
     window_s: int
 
 
+@builds(CounterCharge)
+def counter_charge(counter: str, key: str, scope: str, window_start: int, window_s: int) -> dict[str, Any]:
+    return {
+        "counter": counter,
+        "key": key,
+        "scope": scope,
+        "window_start": window_start,
+        "window_s": window_s,
+    }
+
+
 class CounterState(BaseModel):
     """A counter as the decision saw it (after charging, for an allowed call)."""
 
@@ -95,6 +139,21 @@ class CounterState(BaseModel):
     window_start: int
     count: int
     max: int
+
+
+@builds(CounterState)
+def counter_state(
+    counter: str, scope: str, key: str, window_s: int, window_start: int, count: int, max: int
+) -> dict[str, Any]:
+    return {
+        "counter": counter,
+        "scope": scope,
+        "key": key,
+        "window_s": window_s,
+        "window_start": window_start,
+        "count": count,
+        "max": max,
+    }
 
 
 class CallDecided(_Event):
@@ -124,6 +183,66 @@ class CallDecided(_Event):
     policy_version: str | None = Field(None, description="sha256 of the policy file's bytes")
 
 
+@builds(CallDecided)
+def call_decided(
+    gateway: str,
+    call_id: str,
+    server: str,
+    method: str,
+    tool: str | None,
+    request_id: str | None,
+    grant: str,
+    agent: str,
+    session: str | None,
+    protocol_version: str | None,
+    client_name: str | None,
+    client_version: str | None,
+    remote: str | None,
+    arguments: dict[str, Any] | None,
+    args_sha256: str | None,
+    decision: str,
+    rule: str | None,
+    reason: str | None,
+    retry_after_s: float | None,
+    counters: list[dict[str, Any]],
+    charges: list[dict[str, Any]],
+    policy_version: str | None,
+) -> dict[str, Any]:
+    """The hot one, written ahead of every call (``counters``/``charges`` are
+    ``counter_state``/``counter_charge`` dicts). Not keyword-only, unlike the rare kinds:
+    CPython binds 22 keyword arguments of a Python function ~1 us slower than positional
+    ones, so the writer passes them by position (the tests pin the parameter order to the
+    model's field order)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "call.decided",
+        "call_id": call_id,
+        "server": server,
+        "method": method,
+        "tool": tool,
+        "request_id": request_id,
+        "grant": grant,
+        "agent": agent,
+        "session": session,
+        "protocol_version": protocol_version,
+        "client_name": client_name,
+        "client_version": client_version,
+        "remote": remote,
+        "arguments": arguments,
+        "args_sha256": args_sha256,
+        "decision": decision,
+        "rule": rule,
+        "reason": reason,
+        "retry_after_s": retry_after_s,
+        "counters": counters,
+        "charges": charges,
+        "policy_version": policy_version,
+    }
+
+
 class CallCompleted(_Event):
     kind: Literal["call.completed"] = "call.completed"
     call_id: str
@@ -140,6 +259,43 @@ class CallCompleted(_Event):
     response_bytes: int = 0
 
 
+@builds(CallCompleted)
+def call_completed(  # positional too: one per call, like call_decided
+    gateway: str,
+    call_id: str,
+    server: str,
+    method: str,
+    tool: str | None,
+    grant: str,
+    agent: str,
+    session: str | None,
+    outcome: str,
+    error_code: int | None,
+    error_message: str | None,
+    upstream_ms: float | None,
+    response_bytes: int,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "call.completed",
+        "call_id": call_id,
+        "server": server,
+        "method": method,
+        "tool": tool,
+        "grant": grant,
+        "agent": agent,
+        "session": session,
+        "outcome": outcome,
+        "error_code": error_code,
+        "error_message": error_message,
+        "upstream_ms": upstream_ms,
+        "response_bytes": response_bytes,
+    }
+
+
 class SessionOpened(_Event):
     kind: Literal["session.opened"] = "session.opened"
     session: str
@@ -152,6 +308,36 @@ class SessionOpened(_Event):
     remote: str | None = None
 
 
+@builds(SessionOpened)
+def session_opened(
+    *,
+    gateway: str,
+    session: str,
+    server: str,
+    grant: str,
+    agent: str,
+    protocol_version: str | None,
+    client_name: str | None,
+    client_version: str | None,
+    remote: str | None,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "session.opened",
+        "session": session,
+        "server": server,
+        "grant": grant,
+        "agent": agent,
+        "protocol_version": protocol_version,
+        "client_name": client_name,
+        "client_version": client_version,
+        "remote": remote,
+    }
+
+
 class SessionClosed(_Event):
     kind: Literal["session.closed"] = "session.closed"
     session: str
@@ -161,6 +347,24 @@ class SessionClosed(_Event):
     reason: Literal["deleted", "expired", "upstream_gone", "shutdown"]
 
 
+@builds(SessionClosed)
+def session_closed(
+    *, gateway: str, session: str, server: str, grant: str, agent: str, reason: str
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "session.closed",
+        "session": session,
+        "server": server,
+        "grant": grant,
+        "agent": agent,
+        "reason": reason,
+    }
+
+
 class PolicyLoaded(_Event):
     kind: Literal["policy.loaded"] = "policy.loaded"
     server: str
@@ -168,6 +372,24 @@ class PolicyLoaded(_Event):
     policy_version: str | None = None
     ok: bool = True
     error: str | None = None
+
+
+@builds(PolicyLoaded)
+def policy_loaded(
+    *, gateway: str, server: str, path: str, policy_version: str | None, ok: bool, error: str | None
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "policy.loaded",
+        "server": server,
+        "path": path,
+        "policy_version": policy_version,
+        "ok": ok,
+        "error": error,
+    }
 
 
 AuthReason = Literal["missing_key", "wrong_scheme", "empty_key", "invalid_key"]
@@ -193,6 +415,34 @@ class AuthFailed(_Event):
     overflow: bool = Field(False, description="summed beyond the cap on tracked (remote, server) keys")
 
 
+@builds(AuthFailed)
+def auth_failed(
+    *,
+    gateway: str,
+    remote: str | None,
+    server: str,
+    reason: str,
+    count: int,
+    first_ts: int,
+    last_ts: int,
+    overflow: bool,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "auth.failed",
+        "remote": remote,
+        "server": server,
+        "reason": reason,
+        "count": count,
+        "first_ts": first_ts,
+        "last_ts": last_ts,
+        "overflow": overflow,
+    }
+
+
 AdminQuestion = Literal["who", "calls", "denials", "sql"]
 AdminOutcome = Literal["ok", "refused", "error"]
 
@@ -202,82 +452,101 @@ class AdminQuery(_Event):
     gateway's owner-only local socket (caller "socket", remote "uid N pid N"), or by the CLI
     on the store itself (caller "local"): the auditors are audited."""
 
+    # field order = the order the gateway has always written (see admin_query below)
     kind: Literal["admin.query"] = "admin.query"
     question: AdminQuestion
     sql: str | None = Field(None, description="the SQL text (question sql)")
     params: dict[str, Any] | None = Field(None, description="its {name:Type} parameter values")
     filters: dict[str, str] | None = Field(None, description="the filters of who / calls / denials")
+    error: str | None = Field(None, description="error kind: bad_request, read_only, query_error, ...")
+    row_count: int | None = None
     caller: Literal["token", "socket", "local"]
     remote: str | None = None
     outcome: AdminOutcome
     status: int | None = Field(None, description="HTTP status of the answer (None for local)")
-    error: str | None = Field(None, description="error kind: bad_request, read_only, query_error, ...")
     message: str | None = None
-    row_count: int | None = None
     duration_ms: float = 0.0
+
+
+@builds(AdminQuery)
+def admin_query(
+    *,
+    gateway: str,
+    question: str,
+    sql: str | None,
+    params: dict[str, Any] | None,
+    filters: dict[str, str] | None,
+    error: str | None,
+    row_count: int | None,
+    caller: str,
+    remote: str | None,
+    outcome: str,
+    status: int | None,
+    message: str | None,
+    duration_ms: float,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "admin.query",
+        "question": question,
+        "sql": sql,
+        "params": params,
+        "filters": filters,
+        "error": error,
+        "row_count": row_count,
+        "caller": caller,
+        "remote": remote,
+        "outcome": outcome,
+        "status": status,
+        "message": message,
+        "duration_ms": duration_ms,
+    }
 
 
 class AdminReload(_Event):
     """A policy reload asked over the admin API (each file's own policy.loaded follows)."""
 
     kind: Literal["admin.reload"] = "admin.reload"
+    results: dict[str, str | None] = Field(
+        default_factory=dict, description="server -> None (loaded) or the error"
+    )
     caller: Literal["token", "socket", "local"] = "token"
     remote: str | None = None
     outcome: AdminOutcome
     status: int | None = None
-    results: dict[str, str | None] = Field(
-        default_factory=dict, description="server -> None (loaded) or the error"
-    )
     message: str | None = None
     duration_ms: float = 0.0
 
 
-Event = Annotated[
-    CallDecided
-    | CallCompleted
-    | SessionOpened
-    | SessionClosed
-    | PolicyLoaded
-    | AuthFailed
-    | AdminQuery
-    | AdminReload,
-    Field(discriminator="kind"),
-]
-EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
-CALL_KINDS = ("call.decided", "call.completed", "session.opened", "session.closed", "policy.loaded")
-SECURITY_KINDS = ("auth.failed", "admin.query", "admin.reload")
-EVENT_KINDS = CALL_KINDS + SECURITY_KINDS
-
-
-def encode(event: _Event) -> bytes:
-    """One event as compact JSON bytes (the log's record payload)."""
-    return orjson.dumps(event.model_dump(mode="python", exclude_none=False))
-
-
-def decode(payload: bytes) -> Event:
-    """Parse and validate one record payload."""
-    return EVENT_ADAPTER.validate_python(orjson.loads(payload))
-
-
-def decode_raw(payload: bytes) -> dict[str, Any]:
-    """Parse without validation: for consumers that trust the log and want speed."""
-    return orjson.loads(payload)
-
-
-class LogGap(_Event):
-    """The event log went backwards: at start-up it ended below what the store or a consumer
-    had already seen (records lost, e.g. a WAL deleted after a crash). Written when the gap is
-    accepted (`ledgergate run --accept-log-gap` in strict mode; at once in batched mode)."""
-
-    kind: Literal["log.gap"] = "log.gap"
-    log_end: int = Field(description="the log's end offset at start-up")
-    seen_end: int = Field(description="the highest end the store or a consumer had seen")
-    lost: int = Field(description="records missing: seen_end - log_end")
-    store_end: int = Field(description="the highest next_offset in the store's log_positions")
-    committed: dict[str, int] = Field(default_factory=dict, description="consumer -> committed offset")
-    durability: str
-    accepted_by: Literal["flag", "batched"]
-    counters_from_store: int = Field(0, description="charges folded from the store on top of the log's")
+@builds(AdminReload)
+def admin_reload(
+    *,
+    gateway: str,
+    results: dict[str, str | None],
+    caller: str,
+    remote: str | None,
+    outcome: str,
+    status: int | None,
+    message: str | None,
+    duration_ms: float,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "admin.reload",
+        "results": results,
+        "caller": caller,
+        "remote": remote,
+        "outcome": outcome,
+        "status": status,
+        "message": message,
+        "duration_ms": duration_ms,
+    }
 
 
 # ---------------------------------------------------------------- alerts (consumers/alerts.py)
@@ -332,11 +601,212 @@ class AlertFailed(_Event):
     age_ms: float = 0.0
 
 
+@builds(AlertFired)
+def alert_fired(
+    *,
+    gateway: str = "",
+    alert_id: Any,
+    rule: Any,
+    on: Any,
+    group: Any = None,
+    count: Any,
+    threshold: Any = 1,
+    window_s: Any = 0.0,
+    throttle_s: Any = None,
+    first_event_id: Any,
+    last_event_id: Any,
+    first_ts: Any,
+    last_ts: Any,
+    summary: Any = False,
+    suppressed: Any = 0,
+    examples: Any = None,
+    evidence: Any = "",
+    text: Any = "",
+    sinks: Any = None,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "alert.fired",
+        "alert_id": alert_id,
+        "rule": rule,
+        "on": on,
+        "group": group if group is not None else dict(),
+        "count": count,
+        "threshold": threshold,
+        "window_s": window_s,
+        "throttle_s": throttle_s,
+        "first_event_id": first_event_id,
+        "last_event_id": last_event_id,
+        "first_ts": first_ts,
+        "last_ts": last_ts,
+        "summary": summary,
+        "suppressed": suppressed,
+        "examples": examples if examples is not None else list(),
+        "evidence": evidence,
+        "text": text,
+        "sinks": sinks if sinks is not None else list(),
+    }
+
+
+@builds(AlertDelivered)
+def alert_delivered(
+    *,
+    gateway: str = "",
+    alert_id: Any,
+    rule: Any,
+    sink: Any,
+    attempts: Any,
+    status: Any = None,
+    age_ms: Any,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "alert.delivered",
+        "alert_id": alert_id,
+        "rule": rule,
+        "sink": sink,
+        "attempts": attempts,
+        "status": status,
+        "age_ms": age_ms,
+    }
+
+
+@builds(AlertFailed)
+def alert_failed(
+    *,
+    gateway: str = "",
+    alert_id: Any,
+    rule: Any,
+    sink: Any,
+    attempts: Any,
+    status: Any = None,
+    error: Any,
+    final: Any,
+    age_ms: Any = 0.0,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "alert.failed",
+        "alert_id": alert_id,
+        "rule": rule,
+        "sink": sink,
+        "attempts": attempts,
+        "status": status,
+        "error": error,
+        "final": final,
+        "age_ms": age_ms,
+    }
+
+
+Event = Annotated[
+    CallDecided
+    | CallCompleted
+    | SessionOpened
+    | SessionClosed
+    | PolicyLoaded
+    | AuthFailed
+    | AdminQuery
+    | AdminReload
+    | AlertFired
+    | AlertDelivered
+    | AlertFailed,
+    Field(discriminator="kind"),
+]
+EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+CALL_KINDS = ("call.decided", "call.completed", "session.opened", "session.closed", "policy.loaded")
+SECURITY_KINDS = ("auth.failed", "admin.query", "admin.reload")
 ALERT_KINDS = ("alert.fired", "alert.delivered", "alert.failed")
-EVENT_KINDS = EVENT_KINDS + ALERT_KINDS
-EVENT_ADAPTER = TypeAdapter(  # type: ignore[misc]
-    Annotated[
-        Union[(*get_args(get_args(Event)[0]), AlertFired, AlertDelivered, AlertFailed)],
-        Field(discriminator="kind"),
-    ]
-)
+EVENT_KINDS = CALL_KINDS + SECURITY_KINDS + ALERT_KINDS
+
+
+def encode(event: _Event) -> bytes:
+    """One event as compact JSON bytes (the log's record payload)."""
+    return orjson.dumps(event.model_dump(mode="python", exclude_none=False))
+
+
+def decode(payload: bytes) -> Event:
+    """Parse and validate one record payload."""
+    return EVENT_ADAPTER.validate_python(orjson.loads(payload))
+
+
+def decode_raw(payload: bytes) -> dict[str, Any]:
+    """Parse without validation: for consumers that trust the log and want speed."""
+    return orjson.loads(payload)
+
+
+class LogGap(_Event):
+    """The event log went backwards: at start-up it ended below what the store or a consumer
+    had already seen (records lost, e.g. a WAL deleted after a crash). Written when the gap is
+    accepted (`ledgergate run --accept-log-gap` in strict mode; at once in batched mode)."""
+
+    kind: Literal["log.gap"] = "log.gap"
+    log_end: int = Field(description="the log's end offset at start-up")
+    seen_end: int = Field(description="the highest end the store or a consumer had seen")
+    lost: int = Field(description="records missing: seen_end - log_end")
+    store_end: int = Field(description="the highest next_offset in the store's log_positions")
+    committed: dict[str, int] = Field(default_factory=dict, description="consumer -> committed offset")
+    durability: str
+    accepted_by: Literal["flag", "batched"]
+    counters_from_store: int = Field(0, description="charges folded from the store on top of the log's")
+
+
+# ---- byte markers: how the log scanners find fields without parsing ----------------------
+#
+# The counter rebuild (gateway/policy/rebuild.py) and the consumers' selectors
+# (consumers/runner.py, consumers/audit.py) locate fields in the compact JSON the builders
+# write (orjson: no spaces, keys in the model's field order). Inside a JSON string a quote
+# is always escaped, so a key marker can only be faked by a field holding an OBJECT: in
+# call.decided that is the agent-controlled `arguments`. Hence the contract, pinned by
+# tests/test_events_builders.py:
+#   - FIRST_OCCURRENCE fields precede every object-valued field of every kind that has
+#     them, so their first occurrence in a payload is the event's own;
+#   - LAST_OCCURRENCE fields of call.decided follow `arguments`, so their last one is.
+
+FIRST_OCCURRENCE = ("kind", "event_id", "server")
+LAST_OCCURRENCE = ("decision", "charges")
+
+
+def _field(model: type[BaseModel], name: str) -> str:
+    """``name``, checked to be a field of ``model`` (a rename fails at import, not silently)."""
+    if name not in model.model_fields:
+        raise AssertionError(f"{model.__name__} has no field {name!r}: update the byte markers")
+    return name
+
+
+def marker(field: str, value: str | None = None) -> bytes:
+    """The bytes opening ``field``'s string value: ``"field":"``; with ``value``, the field
+    holding exactly that string: ``"field":"value"``."""
+    head = b'"' + field.encode() + b'":"'
+    return head if value is None else head + value.encode() + b'"'
+
+
+def list_marker(field: str) -> bytes:
+    """The bytes opening ``field``'s array value: ``"field":[``."""
+    return b'"' + field.encode() + b'":['
+
+
+KIND_MARKER = marker(_field(CallDecided, "kind"))
+EVENT_ID_MARKER = marker(_field(_Event, "event_id"))
+SERVER_MARKER = marker(_field(CallDecided, "server"))
+DECISION_MARKER = marker(_field(CallDecided, "decision"))
+CHARGES_MARKER = list_marker(_field(CallDecided, "charges"))
+
+
+def kind_marker(kind: str) -> bytes:
+    """``"kind":"<kind>"``: a payload of that kind (at the first ``KIND_MARKER``)."""
+    return marker("kind", kind)
+
+
+DECIDED_MARKER = kind_marker(CallDecided.model_fields["kind"].default)
+ALLOW_MARKER = marker(
+    _field(CallDecided, "decision"), "allow"
+)  # an allowed call: the one that charges counters

@@ -1,6 +1,7 @@
 """The audit addon writes events exactly in the shape of the pydantic models in schemas/events.py
-(they are built as dicts for speed: these tests validate every kind against the models), and it
-writes ahead: the decision is on the log when decided() returns."""
+(they are built as dicts for speed, by the builders next to the models: these tests validate every
+kind the addon writes against the models, byte for byte), and it writes ahead: the decision is on
+the log when decided() returns."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from schemas.events import (
     SessionClosed,
     SessionOpened,
     decode,
+    encode,
 )
 
 POLICY = (
@@ -86,8 +88,11 @@ async def test_every_event_validates_against_its_model(tmp_path: Path) -> None:
     addon.completed(flow)
     addon.session_closed(session, "deleted")
     await addon.close()
-    events = [decode(r.payload) for r in await log.read(0)]
+    records = await log.read(0)
+    events = [decode(r.payload) for r in records]
     await log.close()
+    # byte for byte what the model itself encodes: same fields, same order, same values
+    assert [encode(e) for e in events] == [r.payload for r in records]
     assert [type(e) for e in events] == [
         PolicyLoaded,
         SessionOpened,
@@ -112,12 +117,35 @@ async def test_every_event_validates_against_its_model(tmp_path: Path) -> None:
         "bot-a",
     )
     assert decided.request_id == "7" and decided.client_name == "claude"
+    # every field from its own source (the writer passes the hot builders' values by position)
+    assert (decided.gateway, decided.server, decided.method, decided.tool, decided.session) == (
+        "gw-1",
+        "wa",
+        "tools/call",
+        "send_message",
+        "s-1",
+    )
+    assert (decided.protocol_version, decided.client_version, decided.remote) == (
+        "2025-11-25",
+        "1.0",
+        "127.0.0.1",
+    )
+    assert (decided.reason, decided.retry_after_s) == (flow.decision.reason, flow.decision.retry_after_s)
     assert [c.counter for c in decided.charges] == ["msgs"] and decided.charges[0].key == "bot-a"
     assert decided.counters[0].count == 1 and decided.counters[0].max == 5
     assert decided.policy_version == policies["wa"].version
     completed = events[3]
     assert isinstance(completed, CallCompleted)
     assert completed.outcome == "is_error" and completed.response_bytes == 42
+    assert (completed.gateway, completed.server, completed.method, completed.tool) == (
+        "gw-1",
+        "wa",
+        "tools/call",
+        "send_message",
+    )
+    assert (completed.grant, completed.agent, completed.session) == ("alice", "bot-a", "s-1")
+    assert (completed.error_code, completed.error_message) == (flow.error_code, flow.error_message)
+    assert completed.upstream_ms is not None and completed.upstream_ms == round(flow.upstream_ms or 0, 3)
     assert events[4].reason == "deleted"
     assert len({e.event_id for e in events}) == 5
 
@@ -138,8 +166,10 @@ async def test_security_events_validate_against_their_models(tmp_path: Path) -> 
     addon.admin_request(AdminRequest("who", caller="local", error="store_unavailable", message="down"))
     addon.admin_request(AdminRequest("reload", status=200, results={"wa": None, "x": "broken json"}))
     await addon.close()
-    events = [decode(r.payload) for r in await log.read(0)]
+    records = await log.read(0)
+    events = [decode(r.payload) for r in records]
     await log.close()
+    assert [encode(e) for e in events] == [r.payload for r in records]
     assert [type(e) for e in events] == [
         AuthFailed,
         AuthFailed,

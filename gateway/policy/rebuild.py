@@ -8,6 +8,15 @@ from eventlog.base import EventLog
 from gateway.policy.engine import CounterKey
 from gateway.policy.limiter import Limiter
 from gateway.policy.live import PolicySet
+from schemas.events import (
+    ALLOW_MARKER,
+    CHARGES_MARKER,
+    DECIDED_MARKER,
+    DECISION_MARKER,
+    EVENT_ID_MARKER,
+    KIND_MARKER,
+    SERVER_MARKER,
+)
 
 
 def longest_window_s(policies: PolicySet) -> int:
@@ -28,12 +37,12 @@ async def rebuild_limiters(
     holds as if the gateway had never stopped. Returns the number of charges folded.
 
     A restart waits for this, so it reads bytes instead of parsing whole events: the fields
-    it needs are located in the compact JSON the gateway writes (schemas/events.py field
-    order). `kind`, `event_id` and `server` precede the agent-controlled `arguments` object,
-    so their first occurrence is the event's own; `decision` and `charges` follow it, so
-    their LAST occurrence is (a JSON string cannot hold an unescaped quote, so only the
-    arguments object could fake these keys). Events with the same server and charges
-    array are counted together and folded once.
+    it needs are located in the compact JSON the gateway writes, by the markers and the
+    field-order contract of schemas/events.py: `kind`, `event_id` and `server` precede the
+    agent-controlled `arguments` object, so their first occurrence is the event's own;
+    `decision` and `charges` follow it, so their LAST occurrence is (a JSON string cannot
+    hold an unescaped quote, so only the arguments object could fake these keys). Events
+    with the same server and charges array are counted together and folded once.
     """
     if window_s <= 0:
         return 0
@@ -42,22 +51,22 @@ async def rebuild_limiters(
     async for batch in eventlog.read_since(int((now - window_s) * 1000), 100_000):
         for rec in batch:
             p = rec.payload
-            k = p.find(_KIND)
-            if k < 0 or not p.startswith(_DECIDED, k + 8):
+            k = p.find(KIND_MARKER)
+            if k < 0 or not p.startswith(DECIDED_MARKER, k):
                 continue
-            d = p.rfind(_DECISION)
-            if d < 0 or not p.startswith(_ALLOW, d + 12):
+            d = p.rfind(DECISION_MARKER)
+            if d < 0 or not p.startswith(ALLOW_MARKER, d):
                 continue
-            c = p.rfind(_CHARGES)
-            if c < 0 or p.startswith(b"]", c + 11):
-                continue
-            e = p.find(_EVENT_ID) + 12
-            eid = p[e : e + 36]
+            c = p.rfind(CHARGES_MARKER)
+            if c < 0 or p.startswith(b"]", c + _CHARGES_LEN):
+                continue  # no charges
+            e = p.find(EVENT_ID_MARKER) + _EVENT_ID_LEN
+            eid = p[e : e + 36]  # a UUID's text
             if eid in seen:
                 continue
             seen.add(eid)
-            s = p.find(_SERVER) + 10
-            group = (p[s : p.find(b'"', s)], p[c + 10 : p.find(b"]", c) + 1])
+            s = p.find(SERVER_MARKER) + _SERVER_LEN
+            group = (p[s : p.find(b'"', s)], p[c + _CHARGES_LEN - 1 : p.find(b"]", c) + 1])
             groups[group] = groups.get(group, 0) + 1
     folded = 0
     for (server, raw), n in groups.items():
@@ -72,10 +81,6 @@ async def rebuild_limiters(
     return folded
 
 
-_KIND = b'"kind":"'
-_DECIDED = b'call.decided"'
-_DECISION = b'"decision":"'
-_ALLOW = b'allow"'
-_CHARGES = b'"charges":['
-_EVENT_ID = b'"event_id":"'
-_SERVER = b'"server":"'
+_CHARGES_LEN = len(CHARGES_MARKER)
+_EVENT_ID_LEN = len(EVENT_ID_MARKER)
+_SERVER_LEN = len(SERVER_MARKER)

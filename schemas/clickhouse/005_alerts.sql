@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS alert_events_in
     examples       String,
     evidence       String,
     text           String,
+    sinks          String,
     sink           String,
     attempts       UInt32,
     status         Nullable(Int32),
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS audit_alerts
     examples       String CODEC(ZSTD(1)),
     evidence       String,
     text           String,
+    sinks          String,
     schema_version UInt16
 )
 ENGINE = ReplacingMergeTree
@@ -79,7 +81,7 @@ SELECT
     `count`, threshold, window_s, throttle_s, first_event_id, last_event_id,
     fromUnixTimestamp64Milli(first_ts, 'UTC') AS first_ts,
     fromUnixTimestamp64Milli(last_ts, 'UTC') AS last_ts,
-    ifNull(summary, false) AS summary, suppressed, examples, evidence, text, schema_version
+    ifNull(summary, false) AS summary, suppressed, examples, evidence, text, sinks, schema_version
 FROM alert_events_in
 WHERE kind = 'alert.fired';
 
