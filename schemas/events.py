@@ -7,7 +7,9 @@ start-up fold read nothing else.
 
 Kinds:
 - call.decided    every JSON-RPC request the gateway handles, before it is forwarded
-- call.completed  how that request ended (linked by call_id)
+- call.completed  how that request ended (linked by call_id); outcome "shutdown": cut by
+                  the drain timeout at shutdown (`upstream_answered` says if the upstream had
+                  answered); `refunded`: never sent, its call.decided charges do not count
 - session.opened / session.closed
 - policy.loaded   a policy file was (re)loaded, or failed to load
 - auth.failed     requests refused for their credentials (401), aggregated per
@@ -30,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 SCHEMA_VERSION = 1
 
 Decision = Literal["allow", "deny", "rate_limited", "invalid_arguments", "pending_approval"]
-Outcome = Literal["ok", "is_error", "jsonrpc_error", "upstream_error", "refused", "cancelled"]
+Outcome = Literal["ok", "is_error", "jsonrpc_error", "upstream_error", "refused", "cancelled", "shutdown"]
 
 
 _rand_bits = random.Random(int.from_bytes(os.urandom(16), "big")).getrandbits
@@ -138,6 +140,12 @@ class CallCompleted(_Event):
     error_message: str | None = None
     upstream_ms: float | None = None
     response_bytes: int = 0
+    upstream_answered: bool | None = Field(
+        None, description="the upstream's final answer had arrived (None: not recorded, older events)"
+    )
+    refunded: bool = Field(
+        False, description="allowed and charged but never sent upstream: its charges were given back"
+    )
 
 
 class SessionOpened(_Event):

@@ -26,7 +26,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-SCHEMA_FILES = ("001_audit.sql", "002_counters.sql", "003_security.sql")
+SCHEMA_FILES = ("001_audit.sql", "002_counters.sql", "003_security.sql", "004_outcomes_shutdown.sql")
 
 Rows = list[tuple[Any, ...]]
 Answer = tuple[list[str], Rows]

@@ -262,6 +262,8 @@ class AuditAddon(Addon):
             error_message=flow.error_message,
             upstream_ms=None if flow.upstream_ms is None else round(flow.upstream_ms, 3),
             response_bytes=flow.response_bytes,
+            upstream_answered=flow.answered,
+            refunded=flow.refunded,  # the counter rebuild gives these charges back
         )
         self._queue(ev)
 
