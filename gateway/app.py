@@ -40,7 +40,18 @@ def build_upstreams(cfg: Config) -> dict[str, Upstream]:
             )
         else:
             cwd = str(cfg.resolve(srv.cwd)) if srv.cwd else None
-            ups[name] = StdioUpstream(name, cfg.command(name), srv.env, cwd, cfg.gateway.upstream_timeout_s)
+            gw = cfg.gateway
+            ups[name] = StdioUpstream(
+                name,
+                cfg.command(name),
+                srv.env,
+                cwd,
+                gw.upstream_timeout_s,
+                queue_bytes=gw.stream_queue_bytes,
+                queue_messages=gw.stream_queue_messages,
+                max_consecutive_timeouts=srv.max_consecutive_timeouts or gw.stdio_max_consecutive_timeouts,
+                max_stdin_bytes=gw.stdio_max_stdin_bytes,
+            )
     return ups
 
 
@@ -80,6 +91,7 @@ def build_app(
         clock=clock,
         max_sessions_per_grant=cfg.gateway.max_sessions_per_grant,
         max_inflight_per_grant=cfg.gateway.max_inflight_per_grant,
+        drain_timeout_s=cfg.gateway.drain_timeout_s,
     )
     gw = cfg.gateway
     app = App(
@@ -145,4 +157,5 @@ def build_app(
             await up.close()
 
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(proxy.drain)  # SIGTERM: drain, then cut late calls with an error
     return app

@@ -85,6 +85,24 @@ class GatewaySection(_Section):
     metrics_listen: str | None = Field(
         None, description="HOST:PORT serving only GET /metrics, without authentication"
     )
+    # stdio upstreams and shutdown (README "Security and limits", "Failure modes")
+    stream_queue_bytes: int = Field(
+        4 << 20,
+        gt=0,
+        description="bytes queued toward one client stream of a stdio upstream; beyond: disconnected",
+    )
+    stream_queue_messages: int = Field(
+        2048, gt=0, description="messages queued toward one client stream of a stdio upstream"
+    )
+    stdio_max_consecutive_timeouts: int = Field(
+        3, gt=0, description="calls in a row a stdio child may time out before it is killed and restarted"
+    )
+    stdio_max_stdin_bytes: int = Field(
+        8 << 20, gt=0, description="bytes waiting to be written to a stdio child; beyond: the child is hung"
+    )
+    drain_timeout_s: float = Field(
+        10.0, ge=0, description="on SIGTERM, how long calls in flight may finish before they are cut"
+    )
 
     @field_validator("listen", "metrics_listen")
     @classmethod
@@ -111,6 +129,9 @@ class ServerSection(_Section):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     policy: str
+    max_consecutive_timeouts: int | None = Field(
+        None, gt=0, description="stdio: overrides [gateway] stdio_max_consecutive_timeouts"
+    )
     redact: list[str] = Field(
         default_factory=list, description="argument key paths masked in the audit trail for every tool"
     )

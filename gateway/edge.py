@@ -290,6 +290,9 @@ class App:
     def __init__(self, limits: EdgeLimits | None = None) -> None:
         self.limits = limits or EdgeLimits()
         self.cleanup_ctx: list[CleanupCtx] = []
+        # run by HttpServer.close once the listener is closed, before in-flight requests are
+        # cancelled: the place to drain them (and cut the late ones with a proper answer)
+        self.on_shutdown: list[Callable[[], Awaitable[Any]]] = []
         self._exact: dict[str, dict[str, Handler]] = {}
         self._patterns: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
         self._state: dict[Any, Any] = {}
@@ -528,6 +531,11 @@ class HttpServer:
         if self._server is not None:
             server, self._server = self._server, None
             server.pre_shutdown()
+            for hook in self.app.on_shutdown:
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("a shutdown hook failed")
             with contextlib.suppress(Exception):
                 await server.shutdown(self.shutdown_timeout)
         if self._started:

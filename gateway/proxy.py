@@ -14,6 +14,7 @@ dropped).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import math
@@ -48,6 +49,10 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 NOTIFICATION_RULE = "gateway:request-only-method-as-notification"
 _JSON = "application/json"
 
+# how long cut calls get to write their error once cancelled at shutdown (an agent that does
+# not read its stream must not hold the shutdown)
+CUT_GRACE_S = 2.0
+
 # rewrites the final JSON-RPC response of a request (tools/list filtering)
 Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -79,6 +84,7 @@ class Proxy:
         clock: Callable[[], float] = time.time,
         max_sessions_per_grant: int = 256,
         max_inflight_per_grant: int = 64,
+        drain_timeout_s: float = 10.0,
     ) -> None:
         self.auth = auth
         self.policies = policies
@@ -93,6 +99,10 @@ class Proxy:
         self.max_sessions_per_grant = max_sessions_per_grant
         self.max_inflight_per_grant = max_inflight_per_grant
         self.inflight: dict[str, int] = {}  # grant name -> POSTs being handled
+        self.drain_timeout_s = drain_timeout_s
+        self._forwarding: dict[asyncio.Task[Any], CallFlow] = {}  # allowed calls being forwarded
+        self._drained = asyncio.Event()  # set while _forwarding is empty
+        self._drained.set()
 
     # ---- checks shared by POST, GET and DELETE -------------------------------------------
 
@@ -394,6 +404,10 @@ class Proxy:
                 return self._refuse(flow, decision)
             transform = self._tools_filter(server) if method == "tools/list" else None
             session.active += 1
+            task = asyncio.current_task()
+            if task is not None:
+                self._forwarding[task] = flow
+                self._drained.clear()
             try:
                 return await self._forward(flow, inbound, session, upstream, transform, on_open)
             except Exception:
@@ -411,11 +425,15 @@ class Proxy:
             finally:
                 session.active -= 1
                 session.touch()
+                if task is not None and self._forwarding.pop(task, None) is not None and not self._forwarding:
+                    self._drained.set()
         finally:
             if decision.allowed and not flow.sent:
                 # nothing reached the upstream (bad header, upstream down before the write,
-                # a cached answer, an internal error): undo exactly this decision's charges
+                # a cached answer, an internal error): undo exactly this decision's charges,
+                # and say so on call.completed, so the counter rebuild gives them back too
                 limiter.refund(decision)
+                flow.refunded = bool(decision.charges)
             if flow.outcome is None:
                 flow.finish("cancelled", message="the gateway stopped handling the call")
             self.addons.completed(flow)
@@ -450,6 +468,19 @@ class Proxy:
                 exc.data,
                 None if initialize else {"Mcp-Session-Id": session.id},
             )
+        except asyncio.CancelledError:
+            if not flow.cut:
+                raise
+            # the head has not gone out: the agent gets a JSON-RPC error response
+            text = self._cut(flow, 0)
+            return error_response(
+                200,
+                jsonrpc.UPSTREAM_UNAVAILABLE,
+                text,
+                flow.request_id,
+                {"upstream": flow.server, "shutdown": True, "upstream_answered": flow.answered},
+                None if initialize else {"Mcp-Session-Id": session.id},
+            )
         flow.sent = reply.sent
         status = reply.status
         if initialize:
@@ -475,6 +506,7 @@ class Proxy:
             if headers.get("content-type", "").startswith(_JSON):
                 data = self._observe_json(flow, data, transform)
             else:
+                flow.answered = True
                 flow.finish(
                     "upstream_error",
                     code=status,
@@ -545,6 +577,20 @@ class Proxy:
                     await resp.write(format_event(err))
                 except ConnectionResetError:
                     return resp
+        except asyncio.CancelledError:
+            if flow is None or not flow.cut or flow.outcome == "shutdown":
+                raise
+            text = self._cut(flow, nbytes)
+            # the final answer already handed to the connection is the call's one response:
+            # a second one (the error) for the same id would contradict it
+            if not flow.answered:
+                data = {"upstream": flow.server, "shutdown": True, "upstream_answered": False}
+                err = jsonrpc.error_bytes(flow.request_id, jsonrpc.UPSTREAM_UNAVAILABLE, text, data)
+                with contextlib.suppress(ConnectionResetError, TimeoutError):
+                    await asyncio.wait_for(resp.write(format_event(err)), CUT_GRACE_S)
+            with contextlib.suppress(ConnectionResetError, TimeoutError):
+                await asyncio.wait_for(resp.write_eof(), CUT_GRACE_S)
+            return resp
         finally:
             if reply.release is not None:
                 reply.release()
@@ -581,6 +627,47 @@ class Proxy:
         data = orjson.dumps(msg)
         flow.observe(msg, len(data))
         return format_event(data)
+
+    def _cut(self, flow: CallFlow, nbytes: int) -> str:
+        """Record a call cut at shutdown (cancelled by `drain`); returns the agent's error text.
+
+        The task's cancellation is undone so the error can still be written."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        # a cut call counts as sent: it may have run upstream, and a charge kept is the safe side
+        flow.sent = True
+        said = "the upstream had answered" if flow.answered else "the upstream had not answered"
+        text = (
+            f"the gateway shut down before this call finished (drain timeout {self.drain_timeout_s:g} s); "
+            f"{said}"
+        )
+        flow.finish("shutdown", code=jsonrpc.UPSTREAM_UNAVAILABLE, message=text, nbytes=nbytes)
+        return text
+
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """At shutdown (listener closed): let the calls being forwarded finish for up to
+        `timeout_s` (drain_timeout_s), then cut the rest: each answers its agent with a
+        JSON-RPC error and records outcome "shutdown". Returns how many were cut."""
+        timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
+        if self._forwarding:
+            log.info("draining %d calls in flight (up to %g s)", len(self._forwarding), timeout_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), timeout_s)
+        cut = list(self._forwarding.items())
+        if not cut:
+            return 0
+        log.warning(
+            "drain timeout (%g s): cutting %d calls in flight; each agent gets a JSON-RPC error",
+            timeout_s,
+            len(cut),
+        )
+        for task, flow in cut:
+            flow.cut = True
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drained.wait(), CUT_GRACE_S * 2)
+        return len(cut)
 
     def _answer(self, reply: UpstreamReply, session: Session | None) -> Response:
         """A whole (non-streamed) upstream answer, relayed with the gateway's session id."""

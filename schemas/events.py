@@ -7,7 +7,9 @@ start-up fold read nothing else.
 
 Kinds:
 - call.decided    every JSON-RPC request the gateway handles, before it is forwarded
-- call.completed  how that request ended (linked by call_id)
+- call.completed  how that request ended (linked by call_id); outcome "shutdown": cut by
+                  the drain timeout at shutdown (`upstream_answered` says if the upstream had
+                  answered); `refunded`: never sent, its call.decided charges do not count
 - session.opened / session.closed
 - policy.loaded   a policy file was (re)loaded, or failed to load
 - auth.failed     requests refused for their credentials (401), aggregated per
@@ -46,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 SCHEMA_VERSION = 1
 
 Decision = Literal["allow", "deny", "rate_limited", "invalid_arguments", "pending_approval"]
-Outcome = Literal["ok", "is_error", "jsonrpc_error", "upstream_error", "refused", "cancelled"]
+Outcome = Literal["ok", "is_error", "jsonrpc_error", "upstream_error", "refused", "cancelled", "shutdown"]
 
 
 _rand_bits = random.Random(int.from_bytes(os.urandom(16), "big")).getrandbits
@@ -257,6 +259,12 @@ class CallCompleted(_Event):
     error_message: str | None = None
     upstream_ms: float | None = None
     response_bytes: int = 0
+    upstream_answered: bool | None = Field(
+        None, description="the upstream's final answer had arrived (None: not recorded, older events)"
+    )
+    refunded: bool = Field(
+        False, description="allowed and charged but never sent upstream: its charges were given back"
+    )
 
 
 @builds(CallCompleted)
@@ -274,6 +282,8 @@ def call_completed(  # positional too: one per call, like call_decided
     error_message: str | None,
     upstream_ms: float | None,
     response_bytes: int,
+    upstream_answered: bool | None,
+    refunded: bool,
 ) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -293,6 +303,8 @@ def call_completed(  # positional too: one per call, like call_decided
         "error_message": error_message,
         "upstream_ms": upstream_ms,
         "response_bytes": response_bytes,
+        "upstream_answered": upstream_answered,
+        "refunded": refunded,
     }
 
 
@@ -807,6 +819,13 @@ def kind_marker(kind: str) -> bytes:
 
 
 DECIDED_MARKER = kind_marker(CallDecided.model_fields["kind"].default)
+COMPLETED_MARKER = kind_marker(CallCompleted.model_fields["kind"].default)
+# call_id precedes `arguments` in call.decided and the upstream-written error_message in
+# call.completed: its first occurrence is the event's own
+CALL_ID_MARKER = marker(_field(CallDecided, "call_id"))
+# a call charged then never sent upstream (its quota given back): gateway-written, after the
+# only upstream-written string of call.completed, which cannot hold an unescaped quote
+REFUNDED_MARKER = b'"' + _field(CallCompleted, "refunded").encode() + b'":true'
 ALLOW_MARKER = marker(
     _field(CallDecided, "decision"), "allow"
 )  # an allowed call: the one that charges counters

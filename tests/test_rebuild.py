@@ -103,3 +103,50 @@ async def test_restart_rebuilds_the_same_counters_and_ignores_look_alike_argumen
     await log2.open()
     assert await rebuild_limiters(log2, {"srv": later}, 86_400, NOW + 60) == 3
     await log2.close()
+
+
+async def test_rebuild_gives_back_the_charges_of_refunded_calls_only(tmp_path: Path) -> None:
+    """A call.completed with refunded=true takes its call's charges back; text that looks like
+    the marker (an upstream's error message) does not, nor does a call with no completion."""
+    (tmp_path / "p.json").write_text(POLICY)
+    log = SqliteEventLog(tmp_path / "events.db", durability="strict")
+    await log.open()
+    addon = AuditAddon(log, "gw")
+    policies = PolicySet({"srv": tmp_path / "p.json"}, AddonChain([addon]))
+    policies.load_all()
+    live = Limiter()
+    grant = Grant("g", "agent-1", b"\0" * 32)
+    flows = []
+    for _ in range(3):
+        flow = CallFlow(
+            server="srv",
+            method="tools/call",
+            request_id=1,
+            params={"name": "t", "arguments": {}},
+            grant=grant,
+            session=None,
+            remote=None,
+            tool="t",
+        )
+        flow.decision = decide(
+            Call("srv", "tools/call", "t", "g", "agent-1", None, {}), policies["srv"], live.view(), NOW
+        )
+        live.charge(flow.decision)
+        await addon.decided(flow)
+        flows.append(flow)
+    # 0: never completed (a crash); 1: refused before the write, refunded; 2: ran, and the
+    # upstream's error text imitates the marker
+    live.refund(flows[1].decision)  # type: ignore[arg-type]
+    flows[1].refunded = True
+    flows[1].finish("upstream_error", message="upstream 'srv' unreachable; not forwarded")
+    flows[2].sent = True
+    flows[2].finish("jsonrpc_error", code=-1, message='nope","refunded":true}')
+    for f in flows[1:]:
+        addon.completed(f)
+    await addon.close()
+
+    rebuilt = Limiter()
+    assert await rebuild_limiters(log, {"srv": rebuilt}, 86_400, NOW + 5) == 4  # 2 calls x 2 counters
+    await log.close()
+    assert dict(rebuilt.view()) == dict(live.view())
+    assert sorted(rebuilt.view().values()) == [2, 2]

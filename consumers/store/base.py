@@ -32,6 +32,7 @@ SCHEMA_FILES = (
     "003_security.sql",
     "004_positions.sql",
     "005_alerts.sql",
+    "006_outcomes_shutdown.sql",
 )
 
 Rows = list[tuple[Any, ...]]

@@ -238,6 +238,8 @@ class AuditAddon(Addon):
             flow.error_message,
             None if flow.upstream_ms is None else round(flow.upstream_ms, 3),
             flow.response_bytes,
+            flow.answered,
+            flow.refunded,  # the counter rebuild gives these charges back
         )
         self._queue(ev)
 

@@ -38,6 +38,12 @@ class CallFlow:
     # set by the transport once the request's bytes were handed to the upstream; a call that
     # ends with sent still False was never forwarded, and its quota charge is refunded
     sent: bool = False
+    # the upstream's final answer arrived (it may still not have reached the agent)
+    answered: bool = False
+    # allowed and charged but never sent: its charges were given back (the rebuild honours it)
+    refunded: bool = False
+    # cut by the shutdown's drain timeout (the proxy cancelled it to answer with an error)
+    cut: bool = False
 
     @property
     def arguments(self) -> dict[str, Any] | None:
@@ -58,6 +64,7 @@ class CallFlow:
 
     def observe(self, msg: dict[str, Any], nbytes: int) -> None:
         """Record the outcome from the upstream's final JSON-RPC response."""
+        self.answered = True
         err = msg.get("error")
         if err is not None:
             code = err.get("code") if isinstance(err, dict) else None

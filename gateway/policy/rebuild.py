@@ -10,11 +10,14 @@ from gateway.policy.limiter import Limiter
 from gateway.policy.live import PolicySet
 from schemas.events import (
     ALLOW_MARKER,
+    CALL_ID_MARKER,
     CHARGES_MARKER,
+    COMPLETED_MARKER,
     DECIDED_MARKER,
     DECISION_MARKER,
     EVENT_ID_MARKER,
     KIND_MARKER,
+    REFUNDED_MARKER,
     SERVER_MARKER,
 )
 
@@ -43,16 +46,32 @@ async def rebuild_limiters(
     `decision` and `charges` follow it, so their LAST occurrence is (a JSON string cannot
     hold an unescaped quote, so only the arguments object could fake these keys). Events
     with the same server and charges array are counted together and folded once.
+
+    A call refunded in memory (charged, then never sent upstream) says so on its
+    call.completed (`"refunded":true`, gateway-written, after the only upstream-written
+    string, which cannot hold an unescaped quote): its charges are taken back here too, so
+    a restart does not re-charge them. Only the calls not completed yet are remembered
+    (call_id -> charges), so the memory is bounded by the calls in flight, not the window.
     """
     if window_s <= 0:
         return 0
     seen: set[bytes] = set()
     groups: dict[tuple[bytes, bytes], int] = {}
+    open_calls: dict[bytes, tuple[bytes, bytes]] = {}  # call_id -> group, until its call.completed
     async for batch in eventlog.read_since(int((now - window_s) * 1000), 100_000):
         for rec in batch:
             p = rec.payload
             k = p.find(KIND_MARKER)
-            if k < 0 or not p.startswith(DECIDED_MARKER, k):
+            if k < 0:
+                continue
+            if p.startswith(COMPLETED_MARKER, k):
+                if open_calls:
+                    i = p.find(CALL_ID_MARKER) + _CALL_ID_LEN
+                    group = open_calls.pop(p[i : i + 36], None)
+                    if group is not None and p.rfind(REFUNDED_MARKER) >= 0:
+                        groups[group] -= 1
+                continue
+            if not p.startswith(DECIDED_MARKER, k):
                 continue
             d = p.rfind(DECISION_MARKER)
             if d < 0 or not p.startswith(ALLOW_MARKER, d):
@@ -68,10 +87,12 @@ async def rebuild_limiters(
             s = p.find(SERVER_MARKER) + _SERVER_LEN
             group = (p[s : p.find(b'"', s)], p[c + _CHARGES_LEN - 1 : p.find(b"]", c) + 1])
             groups[group] = groups.get(group, 0) + 1
+            i = p.find(CALL_ID_MARKER) + _CALL_ID_LEN
+            open_calls[p[i : i + 36]] = group
     folded = 0
     for (server, raw), n in groups.items():
         limiter = limiters.get(server.decode())
-        if limiter is None:
+        if limiter is None or n <= 0:
             continue
         for ch in orjson.loads(raw):
             key = CounterKey(ch["counter"], ch["scope"], ch["key"], ch["window_s"], ch["window_start"])
@@ -84,3 +105,4 @@ async def rebuild_limiters(
 _CHARGES_LEN = len(CHARGES_MARKER)
 _EVENT_ID_LEN = len(EVENT_ID_MARKER)
 _SERVER_LEN = len(SERVER_MARKER)
+_CALL_ID_LEN = len(CALL_ID_MARKER)

@@ -11,6 +11,9 @@ back to the client's own id. The child is initialized once; later sessions of th
 grant get the child's cached initialize result (when they ask for the same protocol
 version). A child that dies is restarted with exponential backoff and the initialize
 handshake replayed; the calls in flight get a JSON-RPC error naming the upstream.
+A hung child is treated the same way, killed and restarted: one that stops reading its
+stdin (the bytes waiting to be written to it pass `max_stdin_bytes`), or that lets
+`max_consecutive_timeouts` calls in a row time out.
 
 Nothing a client sent is written to a child as the client's bytes: every line is
 serialised by the gateway (`jsonrpc.line`) from the message it parsed and decided on,
@@ -54,6 +57,8 @@ _FAILED = "failed"  # the child died: the payload is an UpstreamFailed
 STREAM_QUEUE_BYTES = 4 << 20  # per client stream: queued bytes before the client is disconnected
 STREAM_QUEUE_MESSAGES = 2048  # ... and queued messages
 MAX_SERVER_REQUESTS = 1024  # server-to-client requests awaiting a client's answer, per child
+MAX_CONSECUTIVE_TIMEOUTS = 3  # calls in a row a child may let time out before it is restarted
+MAX_STDIN_BYTES = 8 << 20  # bytes waiting to be written to a child: beyond, it stopped reading
 
 T = TypeVar("T")
 
@@ -157,6 +162,7 @@ class StdioProcess:
         self._started_at = 0.0
         self.spawns = 0  # children started (the first start is not a restart): /metrics
         self.closing = False
+        self.timeouts = 0  # calls in a row that timed out (reset by any answer of the child)
 
     @property
     def alive(self) -> bool:
@@ -220,10 +226,13 @@ class StdioProcess:
             kind, msg = await asyncio.wait_for(p.queue.get(), self.up.timeout_s)
         except TimeoutError:
             self.pending.pop(uid, None)
+            # left alive it would look initialized to the next call: kill it, the next call retries
+            self.replace("it did not answer the replayed initialize")
             raise UpstreamDown(f"{self.label} restarted but did not answer initialize") from None
         if kind == _FAILED:
             raise UpstreamDown(f"{self.label} restarted but died during initialize: {msg.message}")
         if "error" in msg:
+            self.replace("it refused the replayed initialize")
             raise UpstreamDown(f"{self.label} restarted but refused initialize: {msg['error']}")
         if self._initialized_sent:
             self._write({"jsonrpc": "2.0", "method": "notifications/initialized"})
@@ -233,7 +242,48 @@ class StdioProcess:
         """Write one message the gateway built; a dict only, never bytes a client sent."""
         if not self.alive or self.proc is None or self.proc.stdin is None:
             raise UpstreamDown(f"{self.label} is not running")
-        self.proc.stdin.write(jsonrpc.line(msg))
+        stdin = self.proc.stdin
+        stdin.write(jsonrpc.line(msg))  # never blocks: what the pipe does not take is buffered
+        unwritten = stdin.transport.get_write_buffer_size()
+        if unwritten > self.up.max_stdin_bytes:
+            # the child stopped reading: the buffer would only grow, and every call would wait
+            # out its timeout; the message that overflowed is counted as not delivered
+            self.replace(
+                f"it stopped reading its stdin ({unwritten} bytes waiting, limit {self.up.max_stdin_bytes})"
+            )
+            raise UpstreamDown(f"{self.label} stopped reading its stdin; it is being restarted")
+
+    def timed_out(self) -> None:
+        """A call of this child got no message within the timeout: N in a row mean it is hung."""
+        self.timeouts += 1
+        if self.timeouts >= self.up.max_consecutive_timeouts and self.alive:
+            self.replace(f"{self.timeouts} calls in a row got no answer within {self.up.timeout_s:g} s")
+
+    def replace(self, why: str) -> None:
+        """Kill a hung child now; the next call starts a fresh one and replays the handshake.
+
+        The calls in flight on it fail at once with an error naming the upstream (not after
+        their own timeouts), and nothing more is written to it.
+        """
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        log.error(
+            "%s: pid %d is hung (%s): killing it; the next call starts a new one", self.label, proc.pid, why
+        )
+        self.proc = None  # its reader's _died() is now a no-op: the calls are failed here
+        self.timeouts = 0
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        failed = UpstreamFailed(
+            jsonrpc.UPSTREAM_UNAVAILABLE,
+            f"{self.label} was killed and is being restarted: {why}",
+            {"upstream": self.up.name, "restarted": True},
+        )
+        for p in self.pending.values():
+            p.queue.put((_FAILED, failed), 0, force=True)
+        self.pending.clear()
+        self.server_requests.clear()  # the new child never sent them
 
     async def call(self, msg: dict[str, Any], session: Session) -> tuple[int, Pending]:
         await self.ensure()
@@ -253,8 +303,14 @@ class StdioProcess:
             p.requested_version = (params or {}).get("protocolVersion")
             state.forward_initialized = True
         self.pending[uid] = p
-        state.inflight[jsonrpc.id_text(p.orig_id)] = uid
-        self._write(out)
+        key = jsonrpc.id_text(p.orig_id)
+        state.inflight[key] = uid
+        try:
+            self._write(out)
+        except UpstreamDown:
+            self.pending.pop(uid, None)
+            state.inflight.pop(key, None)
+            raise
         return uid, p
 
     def cancel(self, uid: int, reason: str) -> None:
@@ -391,6 +447,7 @@ class StdioProcess:
             if p.requested_version is not None and isinstance(result, dict) and "protocolVersion" in result:
                 self._init_results[p.requested_version] = result
             self.pending.pop(msg["id"], None)
+            self.timeouts = 0
             p.queue.put((_FINAL, {**msg, "id": p.orig_id}), size, force=True)
             return
         if method == "notifications/progress":
@@ -470,6 +527,8 @@ class StdioUpstream(Upstream):
         timeout_s: float,
         queue_bytes: int = STREAM_QUEUE_BYTES,
         queue_messages: int = STREAM_QUEUE_MESSAGES,
+        max_consecutive_timeouts: int = MAX_CONSECUTIVE_TIMEOUTS,
+        max_stdin_bytes: int = MAX_STDIN_BYTES,
     ) -> None:
         self.name = name
         self.argv = argv
@@ -478,6 +537,8 @@ class StdioUpstream(Upstream):
         self.timeout_s = timeout_s
         self.queue_bytes = queue_bytes
         self.queue_messages = queue_messages
+        self.max_consecutive_timeouts = max_consecutive_timeouts
+        self.max_stdin_bytes = max_stdin_bytes
         self.processes: dict[str, StdioProcess] = {}
         # per gateway session; weak: a session whose initialize failed is never closed
         self._states: weakref.WeakKeyDictionary[Session, SessionState] = weakref.WeakKeyDictionary()
@@ -545,6 +606,7 @@ class StdioUpstream(Upstream):
             kind, msg = await asyncio.wait_for(p.queue.get(), self.timeout_s)
         except TimeoutError:
             proc.cancel(uid, "gateway timeout")
+            proc.timed_out()
             text = f"{proc.label} did not answer within {self.timeout_s:g} s"
             raise UpstreamFailed(jsonrpc.UPSTREAM_TIMEOUT, text, {"upstream": self.name}) from None
         if kind == _FAILED:  # one instance for every call of the dead child: raise a copy

@@ -47,7 +47,9 @@ CREATE TABLE IF NOT EXISTS audit_events_in
     response_bytes   UInt64,
     path             String,
     ok               Nullable(Bool),
-    error            String
+    error            String,
+    upstream_answered Nullable(Bool),
+    refunded         Nullable(Bool)
 )
 ENGINE = Null;
 
@@ -93,7 +95,9 @@ SELECT
 FROM audit_events_in
 WHERE kind = 'call.decided';
 
--- call.completed: how each request ended (join to audit_calls on call_id).
+-- call.completed: how each request ended (join to audit_calls on call_id). outcome
+-- 'shutdown': cut by the drain timeout (upstream_answered: had the upstream answered);
+-- refunded: allowed but never sent upstream, its charges given back.
 CREATE TABLE IF NOT EXISTS audit_outcomes
 (
     event_id       String,
@@ -111,7 +115,9 @@ CREATE TABLE IF NOT EXISTS audit_outcomes
     error_message  String,
     upstream_ms    Nullable(Float64),
     response_bytes UInt64,
-    schema_version UInt16
+    schema_version UInt16,
+    upstream_answered Nullable(Bool),
+    refunded       Bool
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(ts)
@@ -121,7 +127,7 @@ CREATE MATERIALIZED VIEW IF NOT EXISTS audit_outcomes_mv TO audit_outcomes AS
 SELECT
     event_id, fromUnixTimestamp64Milli(ts, 'UTC') AS ts, gateway, call_id, server, method, tool,
     `grant`, agent, session, outcome, error_code, error_message, upstream_ms, response_bytes,
-    schema_version
+    schema_version, upstream_answered, ifNull(refunded, false) AS refunded
 FROM audit_events_in
 WHERE kind = 'call.completed';
 

@@ -14,6 +14,12 @@ tools/list and tools/call with the tools:
                         stops at once when the call is cancelled (notifications/cancelled)
 - ask()                 sends the client a ping request (id "srv-1", "srv-2"...) and answers
                         the tool call with the client's response once it arrives
+- pid()                 returns this process's pid (a test sees a restarted child)
+- hang(stop_reading)    never answers; with stop_reading=true the process also stops reading
+                        stdin for good (its pipe fills: a hung child)
+- slow(seconds, every)  answers "slept" after `seconds` (other calls are served meanwhile);
+                        with every > 0 it sends, every `every` seconds, a notifications/progress
+                        (when the call has a progressToken) or else a notifications/message
 Notifications are recorded and otherwise ignored. Lines that are not JSON are recorded
 and ignored (a real server would log them).
 """
@@ -25,6 +31,7 @@ import os
 import queue
 import sys
 import threading
+import time
 
 RECORD = open(os.environ["RECORD_FILE"], "ab", buffering=0)  # lives as long as the process
 OUT = sys.stdout.buffer
@@ -37,13 +44,42 @@ TOOLS = [
         ("counter", "returns n"),
         ("flood", "many log notifications"),
         ("ask", "asks the client"),
+        ("pid", "returns the pid"),
+        ("hang", "never answers"),
+        ("slow", "answers late"),
     )
 ]
+_out_lock = threading.Lock()  # slow() answers from its own thread
+STOP_READING = threading.Event()
 
 
 def send(msg: dict) -> None:
-    OUT.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
-    OUT.flush()
+    with _out_lock:
+        OUT.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        OUT.flush()
+
+
+def _slow(mid, seconds: float, every: float, token: object) -> None:
+    end = time.monotonic() + seconds
+    i = 0
+    while (left := end - time.monotonic()) > 0:
+        if every > 0:
+            time.sleep(min(every, left))
+            i += 1
+            if token is not None:  # progress of this call, routed to its stream by the token
+                params = {"progressToken": token, "progress": i}
+                send({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
+            else:
+                send(
+                    {
+                        "jsonrpc": "2.0",
+                        "method": "notifications/message",
+                        "params": {"level": "info", "data": i},
+                    }
+                )
+        else:
+            time.sleep(left)
+    text(mid, "slept")
 
 
 def result(mid, res: dict) -> None:
@@ -109,6 +145,22 @@ def handle(msg: dict) -> None:
                 )
             if not args.get("after"):
                 text(mid, "flooded")
+        elif name == "pid":
+            text(mid, str(os.getpid()))
+        elif name == "hang":
+            if args.get("stop_reading"):
+                STOP_READING.set()
+        elif name == "slow":
+            threading.Thread(
+                target=_slow,
+                args=(
+                    mid,
+                    float(args.get("seconds", 1)),
+                    float(args.get("every", 0)),
+                    (params.get("_meta") or {}).get("progressToken"),
+                ),
+                daemon=True,
+            ).start()
         elif name == "ask":
             _asked += 1
             rid = f"srv-{_asked}"
@@ -153,7 +205,18 @@ def read_stdin() -> None:
         if isinstance(msg, dict) and msg.get("method") == "notifications/cancelled":
             CANCELLED.add((msg.get("params") or {}).get("requestId"))
         INBOX.put(raw)
+        if STOP_READING.is_set() or (isinstance(msg, dict) and _stops_reading(msg)):
+            threading.Event().wait()  # a hung child: stdin is never read again
     INBOX.put(None)
+
+
+def _stops_reading(msg: dict) -> bool:
+    params = msg.get("params") or {}
+    return (
+        msg.get("method") == "tools/call"
+        and params.get("name") == "hang"
+        and bool((params.get("arguments") or {}).get("stop_reading"))
+    )
 
 
 def main() -> None:
