@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 SCHEMA_VERSION = 1
 
 Decision = Literal["allow", "deny", "rate_limited", "invalid_arguments", "pending_approval"]
+WouldDecision = Literal["allow", "deny", "rate_limited", "invalid_arguments", "approval_required"]
 Outcome = Literal["ok", "is_error", "jsonrpc_error", "upstream_error", "refused", "cancelled"]
 
 
@@ -122,6 +123,12 @@ class CallDecided(_Event):
     counters: list[CounterState] = Field(default_factory=list)
     charges: list[CounterCharge] = Field(default_factory=list)
     policy_version: str | None = Field(None, description="sha256 of the policy file's bytes")
+    shadow: bool = Field(False, description="shadow mode: forwarded whatever would_decision says")
+    would_decision: WouldDecision | None = Field(
+        None, description="shadow mode: what enforcement would have decided"
+    )
+    risk_class: Literal["read", "write", "delete", "execute"] | None = None
+    risk_level: Literal["low", "medium", "high"] | None = None
 
 
 class CallCompleted(_Event):
@@ -261,3 +268,59 @@ def decode(payload: bytes) -> Event:
 def decode_raw(payload: bytes) -> dict[str, Any]:
     """Parse without validation: for consumers that trust the log and want speed."""
     return orjson.loads(payload)
+
+
+# --------------------------------------------------------------------------- policy depth
+# (issue 15) approvals and config reload. To be added to the `Event` union above on merge.
+
+
+class ApprovalRequested(_Event):
+    """A call is held for a human (policy action "approve")."""
+
+    kind: Literal["approval.requested"] = "approval.requested"
+    approval_id: str
+    call_id: str | None = None
+    server: str
+    tool: str
+    grant: str
+    agent: str
+    session: str | None = None
+    arguments: dict[str, Any] | None = Field(None, description="tool arguments after redaction")
+    args_sha256: str
+    rule: str = Field(description="JSON Pointer of the rule that asked for approval")
+    timeout_s: float
+    expires_ts: int = Field(description="UTC ms when it times out")
+    remember_s: int = Field(0, description="0: once; else how long an approval covers the same call")
+
+
+class ApprovalResolved(_Event):
+    """How a held call ended: approved / denied (who, when, comment), timed out, cancelled."""
+
+    kind: Literal["approval.resolved"] = "approval.resolved"
+    approval_id: str
+    call_id: str | None = None
+    server: str
+    tool: str
+    grant: str
+    agent: str
+    outcome: Literal["approved", "denied", "timed_out", "cancelled"]
+    by: str | None = Field(None, description="who approved or denied (None: timeout, cancel)")
+    comment: str | None = None
+    resolved_ts: int = Field(description="UTC ms of the resolution")
+    waited_ms: int = 0
+    remembered_until_ts: int | None = Field(None, description="approved with remember: until then (UTC ms)")
+
+
+class ConfigLoaded(_Event):
+    """The config file was (re)loaded: what changed, what applied live, what needs a restart."""
+
+    kind: Literal["config.loaded"] = "config.loaded"
+    path: str
+    config_sha256: str | None = None
+    ok: bool = True
+    error: str | None = None
+    applied: list[str] = Field(default_factory=list, description="changes applied from the next call")
+    restart_needed: list[str] = Field(default_factory=list, description="changes ignored until a restart")
+
+
+POLICY_DEPTH_EVENTS = (ApprovalRequested, ApprovalResolved, ConfigLoaded)

@@ -45,8 +45,8 @@ from pydantic_core import PydanticCustomError
 __all__ = [
     "WINDOW_NAMES",
     "WINDOW_SECONDS",
-    "Limit",
     "ApprovalSpec",
+    "Limit",
     "LimitSpec",
     "LoadedPolicy",
     "Policy",
@@ -71,6 +71,10 @@ Mode = Literal["enforce", "shadow"]
 SHADOW_PREFIX = "shadow:"  # counter name prefix of the shadow copies of a shadow-mode tool's limits
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_MSG = 'must be a duration like "30s", "5m", "1h", "1d" or a positive number of seconds'
+_DURATION_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "string", "pattern": "^[0-9]+[smhd]$"}, {"type": "integer", "minimum": 1}]
+}
+_REMEMBER_MSG = 'must be "once" or a duration like "30s", "5m", "1h", "1d" or a positive number of seconds'
 
 
 def parse_duration(v: Any) -> int:
@@ -118,7 +122,10 @@ class Limit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     counter: str = Field(min_length=1, description="counter name; one name = one counter across tools")
-    window: str | int = Field(description="second | minute | hour | day, or a positive number of seconds")
+    window: str | int = Field(
+        description="second | minute | hour | day, or a positive number of seconds",
+        json_schema_extra={"anyOf": [{"enum": list(WINDOW_SECONDS)}, {"type": "integer", "minimum": 1}]},
+    )
     max: int = Field(ge=0, description="calls allowed per window; 0 never allows")
     scope: Scope = "grant"
 
@@ -141,12 +148,15 @@ class Approval(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     timeout: str | int = Field(
-        "5m", description='how long a call waits for a human ("30s", "5m", "1h" or seconds); then refused'
+        "5m",
+        description='how long a call waits for a human ("30s", "5m", "1h" or seconds); then refused',
+        json_schema_extra=_DURATION_SCHEMA,
     )
     remember: str | int = Field(
         "once",
         description='"once": every call asks; a duration ("1h"): an approval also covers the same grant '
         "calling the same tool with the same arguments (sha256) for that long",
+        json_schema_extra={"anyOf": [{"const": "once"}, *_DURATION_SCHEMA["anyOf"]]},
     )
 
     @field_validator("timeout", mode="plain")
@@ -166,7 +176,7 @@ class Approval(BaseModel):
         try:
             parse_duration(v)
         except ValueError:
-            raise PydanticCustomError("duration", '"once" or ' + _DURATION_MSG.replace("must be ", "")) from None
+            raise PydanticCustomError("duration", _REMEMBER_MSG) from None
         return v
 
     @property
@@ -598,6 +608,10 @@ def parse_policy(data: bytes, source: str) -> LoadedPolicy:
         tools[name] = plan
     class_plans = None
     if model.risk is not None and model.risk.model_fields_set:
+        for cls in RISK_CLASS_NAMES:  # check every class's counters, even if no tool uses them
+            crule = getattr(model.risk, cls)
+            if crule is not None and crule.limits:
+                c.limits(f"/risk/{cls}", crule.limits, False)
         class_plans = {}
         for cls in RISK_CLASS_NAMES:
             listed = {}

@@ -56,7 +56,8 @@ def is_redacted_path(tokens: Iterable[str], redact: Iterable[str]) -> bool:
         return True
     for path in redact:
         parts = [p for p in path.split(".") if p]
-        if parts and len(parts) <= len(keys) and all(p in ("*", k) for p, k in zip(parts, keys, strict=False)):
+        fits = len(parts) <= len(keys) and all(p in ("*", k) for p, k in zip(parts, keys, strict=False))
+        if parts and fits:
             return True
     return False
 
@@ -70,8 +71,9 @@ def _short(value: Any) -> str:
 
 
 def _names(items: Iterable[Any]) -> str:
-    out = ", ".join(_short(str(i)) for i in sorted(items, key=str)[:5])
-    return out
+    names = sorted(map(str, items))
+    out = ", ".join(n if len(n) <= MAX_VALUE else n[: MAX_VALUE - 1] + "…" for n in names[:5])
+    return out + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
 def explain(exc: Any, redact: Iterable[str] = ()) -> str:

@@ -212,13 +212,17 @@ def decide(
         listed, unlisted = cp[(risk if risk is not None else classify_name(tool)).cls]
         plan = listed.get(tool) or unlisted
     if plan is None:
+        if upstream is not None and policy.default_allow:
+            d = _check_arguments(call, None, "", upstream, ())
+            if d is not None:
+                return _shadowed(d) if policy.shadow else d
         return _default_decision(tool, policy)
     if plan.denied:
         d = Decision("deny", plan.action_pointer, plan.deny_reason, (), None, ())
         return _shadowed(d) if plan.shadow else d
     validate = plan.validate
     if validate is not None or upstream is not None:
-        d = _check_arguments(call, plan, upstream)
+        d = _check_arguments(call, validate, plan.arguments_pointer, upstream, plan.redact)
         if d is not None:
             return _shadowed(d) if plan.shadow else d
     limits = plan.limits
@@ -264,10 +268,16 @@ def decide(
     return _shadowed(d) if plan.shadow else d
 
 
-def _check_arguments(call: Call, plan: ToolPlan, upstream: Callable[[Any], Any] | None) -> Decision | None:
+def _check_arguments(
+    call: Call,
+    policy_validate: Callable[[Any], Any] | None,
+    pointer: str,
+    upstream: Callable[[Any], Any] | None,
+    redact: tuple[str, ...],
+) -> Decision | None:
     args = call.arguments
     data = {} if args is None else args
-    for validate, rule in ((plan.validate, plan.arguments_pointer), (upstream, None)):
+    for validate, rule in ((policy_validate, pointer), (upstream, None)):
         if validate is None:
             continue
         if rule is None:  # the rule of an upstream's schema points into its tools/list answer
@@ -276,7 +286,7 @@ def _check_arguments(call: Call, plan: ToolPlan, upstream: Callable[[Any], Any] 
             validate(data)
         except Exception as e:  # JsonSchemaValueException, or anything odd the validator hits
             try:
-                msg = explain(e, plan.redact)
+                msg = explain(e, redact)
             except Exception:  # never let the explanation turn a refusal into a crash
                 msg = type(e).__name__
             return Decision("invalid_arguments", rule, f"invalid arguments: {msg}", (), None, ())
