@@ -124,7 +124,7 @@ def render_simulation(doc: dict[str, Any], fmt: str) -> None:
     if fmt == "json":
         sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
         return
-    from ledgergate.cli.audit import render
+    from ledgergate.cli.audit import render, short_id
 
     print(
         f"server {doc['server']}: {doc['replayed']} recorded calls replayed "
@@ -150,11 +150,12 @@ def render_simulation(doc: dict[str, Any], fmt: str) -> None:
             c["old"],
             c["new"],
             c["count"],
-            " ".join(str(e.get("call_id")) for e in c["examples"]),
+            " ".join(str(short_id(e.get("call_id"))) for e in c["examples"]),
         )
         for c in changes
     ]
-    render(columns, rows, "table")
+    render(columns, rows, "table", wide=True)  # rules and tools whole: they are what to act on
+    print("(example calls: `ledgergate audit calls` shows them; --format json gives full ids and reasons)")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
