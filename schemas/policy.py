@@ -542,7 +542,11 @@ class _Compiler:
         elif rule is not None:
             action, action_ptr, reason = "allow", tbase, rule.reason
         elif self.model.default == "deny":
-            return None  # denied by `default` whatever the class's limits: decide's default path
+            if crule is None or crule.mode is None:
+                return None  # denied by `default` whatever the class's limits: decide's default path
+            # the class's own mode still applies to the default's decision
+            action, action_ptr = "deny", "/default"
+            reason = self.model.reason or f"tools of risk class {cls} are not allowed (default deny)"
         else:
             action, action_ptr, reason = "allow", "/default", None
         mode = (
