@@ -488,3 +488,34 @@ def test_config_diff(tmp_path: Path) -> None:
     assert d.servers_restarted == ["wa"] and d.restart_needed == ["eventlog.durability"]
     d = diff_configs(cfg(tmp_path, BASE + '[servers.fs]\ncommand = ["x"]\npolicy = "p.json"\n'), old)
     assert d.servers_removed == ["fs"] and d.live
+
+
+def test_check_explains_policy_errors_with_the_json_pointer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ledgergate.cli.main import main
+
+    (tmp_path / "p.json").write_text(
+        '{"version": "1", "risk": {"delete": {"action": "approve", "approval": {"timeout": "soon"}}}}'
+    )
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(
+        f'[gateway]\nlisten = "127.0.0.1:0"\ndata_dir = "{tmp_path / "d"}"\n'
+        '[servers.wa]\nurl = "http://127.0.0.1:9/mcp"\npolicy = "p.json"\nvalidate_upstream_schema = true\n'
+    )
+    assert main(["check", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'p.json'}: /risk/delete/approval/timeout: must be a duration like" in err
+
+
+def test_readme_policy_examples_load() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Policies") : text.index("## The audit trail")]
+    blocks = [b.split("```", 1)[0] for b in section.split("```json\n")[1:]]
+    assert len(blocks) == 2
+    seed, full = (parse_policy(b.encode(), "README.md") for b in blocks)
+    assert seed.tools["open_session"].limits[0].max == 10
+    d = decide(call("send_message", {"phone_number": "+1 555"}), full, {}, T0)
+    assert d.action == "invalid_arguments" and f"does not match {PHONE}" in d.reason
+    assert decide(call("purge_all"), full, {}, T0).action == "approval_required"
+    assert decide(call("create_group"), full, {}, T0).shadow
