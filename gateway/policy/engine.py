@@ -166,21 +166,6 @@ def _shadowed(d: Decision) -> Decision:
     return Decision(d.action, d.rule, d.reason, d.counters, d.retry_after_s, d.charges, d.approval, True)
 
 
-def _default_decision(tool: str, policy: LoadedPolicy) -> Decision:
-    if policy.default_allow:
-        d = Decision("allow", "/default", None, (), None, ())
-    else:
-        d = Decision(
-            "deny",
-            "/default",
-            policy.default_reason or f"tool {tool} is not allowed by policy (default deny)",
-            (),
-            None,
-            (),
-        )
-    return _shadowed(d) if policy.shadow else d
-
-
 def decide(
     call: Call,
     policy: LoadedPolicy,
@@ -216,7 +201,18 @@ def decide(
             d = _check_arguments(call, None, "", upstream, ())
             if d is not None:
                 return _shadowed(d) if policy.shadow else d
-        return _default_decision(tool, policy)
+        if policy.default_allow:
+            d = Decision("allow", "/default", None, (), None, ())
+        else:
+            d = Decision(
+                "deny",
+                "/default",
+                policy.default_reason or f"tool {tool} is not allowed by policy (default deny)",
+                (),
+                None,
+                (),
+            )
+        return _shadowed(d) if policy.shadow else d
     if plan.denied:
         d = Decision("deny", plan.action_pointer, plan.deny_reason, (), None, ())
         return _shadowed(d) if plan.shadow else d
