@@ -64,7 +64,9 @@ _VERBS: tuple[tuple[RiskClass, frozenset[str]], ...] = (
     ),
     (
         "read",
-        frozenset("get list read search find fetch query show describe view lookup check count download".split()),
+        frozenset(
+            "get list read search find fetch query show describe view lookup check count download".split()
+        ),
     ),
 )
 _HINTS = ("readOnlyHint", "destructiveHint", "idempotentHint", "openWorldHint")
