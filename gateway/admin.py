@@ -11,6 +11,10 @@ the file's permissions are the credential); those requests are audited with call
 - ``GET /admin/events?follow=1`` (``add_event_stream``): decided events and alerts, live (SSE)
 - ``POST /admin/policies/reload`` (only when a ``reload`` callable is given): ``{server:
   null | error}``, 200 when every policy loaded, 422 when one failed (it keeps its old policy)
+- ``POST /admin/policies/simulate?server=NAME&since=7d`` with a candidate policy file as
+  the body (mounted by ``add_simulate_route``): the recorded calls replayed through it,
+  ``gateway.policy.simulate.Simulation.as_json()``; 400 ``bad_request`` for a broken policy
+  (the message names its JSON Pointer) or an unknown server
 
 Audit answers are ``{"columns": [...], "rows": [[...], ...]}``; datetimes are ISO 8601
 strings (orjson's form, e.g. ``2025-01-06T10:00:00+00:00``), ``"lag": {"events": n,
@@ -68,6 +72,8 @@ log = logging.getLogger("ledgergate.admin")
 Answer = tuple[list[str], list[tuple[Any, ...]]]
 AnswerFn = Callable[[str, dict[str, Any]], Awaitable[Answer]]
 ReloadFn = Callable[[], dict[str, str | None]]
+# (policy file bytes, server, since or None) -> JSON-able answer; ValueError for bad input
+SimulateFn = Callable[[bytes, str, str | None], Awaitable[dict[str, Any]]]
 
 QUESTIONS = ("who", "calls", "denials")
 FILTERS = {
@@ -433,3 +439,32 @@ def add_event_stream(
         return resp
 
     app.add_get("/admin/events", stream)
+
+
+def add_simulate_route(app: App, token: str, simulate: SimulateFn) -> None:
+    """Mount ``POST /admin/policies/simulate`` (see the module doc) behind the admin token."""
+    if not token:
+        raise ValueError("the admin API needs a non-empty admin token")
+    expected = f"Bearer {token}".encode()
+
+    async def do_simulate(req: Request) -> Response:
+        given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):
+            return _error(401, "unauthorized", "missing or wrong admin token")
+        server = req.query.get("server")
+        if not server:
+            return _error(400, "bad_request", "simulate: the server is required (?server=NAME)")
+        extra = set(req.query) - {"server", "since"}
+        if extra:
+            return _error(400, "bad_request", f"simulate: unknown parameters: {', '.join(sorted(extra))}")
+        body = await req.read()
+        try:
+            doc = await simulate(body, server, req.query.get("since"))
+        except ValueError as exc:  # PolicyError is a ValueError: a broken candidate policy
+            return _error(400, "bad_request", str(exc))
+        except Exception as exc:
+            log.error("admin simulate failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+            return _error(503, "store_unavailable", f"{type(exc).__name__}: {exc}")
+        return json_response(doc)
+
+    app.add_post("/admin/policies/simulate", do_simulate)

@@ -135,6 +135,9 @@ class ServerSection(_Section):
     redact: list[str] = Field(
         default_factory=list, description="argument key paths masked in the audit trail for every tool"
     )
+    validate_upstream_schema: bool = Field(
+        False, description="also refuse calls whose arguments break the upstream's own inputSchema"
+    )
 
     @model_validator(mode="after")
     def _one_transport(self) -> ServerSection:

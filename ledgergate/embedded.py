@@ -336,6 +336,10 @@ class Embedded:
             raise PermissionError(str(exc)) from None
         raise ValueError(f"unknown question {question!r}; one of {', '.join(QUESTIONS)}")
 
+    async def simulate(self, data: bytes, server: str, since: str | None = None) -> dict[str, Any]:
+        """POST /admin/policies/simulate: the recorded calls through a candidate policy."""
+        return await simulate_policy(self.log, self.cfg, data, server, since)
+
     async def close(self) -> None:
         await self.checker.close()
         for t in self._tasks:
@@ -349,6 +353,25 @@ class Embedded:
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
+
+
+async def simulate_policy(
+    eventlog: EventLog, cfg: Config, data: bytes, server: str, since: str | None = None
+) -> dict[str, Any]:
+    """Replay ``server``'s recorded calls (from ``since``: 7d, 1h, ISO) through the policy
+    file ``data``. ValueError (PolicyError included) for a broken policy, an unknown server
+    or a bad ``since``."""
+    from gateway.policy.simulate import simulate_log
+    from schemas.policy import parse_policy
+
+    if server not in cfg.servers:
+        known = ", ".join(sorted(cfg.servers)) or "none"
+        raise ValueError(f"unknown server {server!r} (servers in {cfg.source.name}: {known})")
+    policy = parse_policy(data, "candidate policy")
+    since_ms = int(forensics.parse_since(since).timestamp() * 1000) if since else None
+    await eventlog.flush()
+    sim = await simulate_log(eventlog, policy, server, since_ms)
+    return sim.as_json()
 
 
 def query_limits(cfg: Config) -> QueryLimits:
@@ -587,6 +610,10 @@ async def serve(
             ui_events=embedded.follow,
         )
         addon.policies = app[POLICIES_KEY]
+        if cfg.gateway.admin_token:
+            from gateway.admin import add_simulate_route
+
+            add_simulate_route(app, cfg.gateway.admin_token, embedded.simulate)
         proxy = app[PROXY_KEY]
         start_live(cfg, embedded, app, addon, clock)
         t0 = time.perf_counter()

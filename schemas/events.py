@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 SCHEMA_VERSION = 1
 
 Decision = Literal["allow", "deny", "rate_limited", "invalid_arguments", "pending_approval"]
+WouldDecision = Literal["allow", "deny", "rate_limited", "invalid_arguments", "approval_required"]
 Outcome = Literal["ok", "is_error", "jsonrpc_error", "upstream_error", "refused", "cancelled", "shutdown"]
 
 
@@ -183,6 +184,12 @@ class CallDecided(_Event):
     counters: list[CounterState] = Field(default_factory=list)
     charges: list[CounterCharge] = Field(default_factory=list)
     policy_version: str | None = Field(None, description="sha256 of the policy file's bytes")
+    shadow: bool = Field(False, description="shadow mode: forwarded whatever would_decision says")
+    would_decision: WouldDecision | None = Field(
+        None, description="shadow mode: what enforcement would have decided"
+    )
+    risk_class: Literal["read", "write", "delete", "execute"] | None = None
+    risk_level: Literal["low", "medium", "high"] | None = None
 
 
 @builds(CallDecided)
@@ -209,6 +216,10 @@ def call_decided(
     counters: list[dict[str, Any]],
     charges: list[dict[str, Any]],
     policy_version: str | None,
+    shadow: bool,
+    would_decision: str | None,
+    risk_class: str | None,
+    risk_level: str | None,
 ) -> dict[str, Any]:
     """The hot one, written ahead of every call (``counters``/``charges`` are
     ``counter_state``/``counter_charge`` dicts). Not keyword-only, unlike the rare kinds:
@@ -242,6 +253,10 @@ def call_decided(
         "counters": counters,
         "charges": charges,
         "policy_version": policy_version,
+        "shadow": shadow,
+        "would_decision": would_decision,
+        "risk_class": risk_class,
+        "risk_level": risk_level,
     }
 
 
@@ -829,3 +844,59 @@ REFUNDED_MARKER = b'"' + _field(CallCompleted, "refunded").encode() + b'":true'
 ALLOW_MARKER = marker(
     _field(CallDecided, "decision"), "allow"
 )  # an allowed call: the one that charges counters
+
+
+# --------------------------------------------------------------------------- policy depth
+# (issue 15) approvals and config reload. To be added to the `Event` union above on merge.
+
+
+class ApprovalRequested(_Event):
+    """A call is held for a human (policy action "approve")."""
+
+    kind: Literal["approval.requested"] = "approval.requested"
+    approval_id: str
+    call_id: str | None = None
+    server: str
+    tool: str
+    grant: str
+    agent: str
+    session: str | None = None
+    arguments: dict[str, Any] | None = Field(None, description="tool arguments after redaction")
+    args_sha256: str
+    rule: str = Field(description="JSON Pointer of the rule that asked for approval")
+    timeout_s: float
+    expires_ts: int = Field(description="UTC ms when it times out")
+    remember_s: int = Field(0, description="0: once; else how long an approval covers the same call")
+
+
+class ApprovalResolved(_Event):
+    """How a held call ended: approved / denied (who, when, comment), timed out, cancelled."""
+
+    kind: Literal["approval.resolved"] = "approval.resolved"
+    approval_id: str
+    call_id: str | None = None
+    server: str
+    tool: str
+    grant: str
+    agent: str
+    outcome: Literal["approved", "denied", "timed_out", "cancelled"]
+    by: str | None = Field(None, description="who approved or denied (None: timeout, cancel)")
+    comment: str | None = None
+    resolved_ts: int = Field(description="UTC ms of the resolution")
+    waited_ms: int = 0
+    remembered_until_ts: int | None = Field(None, description="approved with remember: until then (UTC ms)")
+
+
+class ConfigLoaded(_Event):
+    """The config file was (re)loaded: what changed, what applied live, what needs a restart."""
+
+    kind: Literal["config.loaded"] = "config.loaded"
+    path: str
+    config_sha256: str | None = None
+    ok: bool = True
+    error: str | None = None
+    applied: list[str] = Field(default_factory=list, description="changes applied from the next call")
+    restart_needed: list[str] = Field(default_factory=list, description="changes ignored until a restart")
+
+
+POLICY_DEPTH_EVENTS = (ApprovalRequested, ApprovalResolved, ConfigLoaded)

@@ -7,7 +7,18 @@ A policy file is one JSON object::
                                 "limits": [{"counter": "open_session_rate", "window": "minute",
                                             "max": 10, "scope": "grant"}],
                                 "arguments": {...JSON Schema...},
-                                "redact": ["content", "credentials.*"]}}}
+                                "redact": ["content", "credentials.*"],
+                                "mode": "enforce",
+                                "risk": {"class": "write", "level": "high"}},
+               "send_message": {"action": "approve",
+                                "approval": {"timeout": "5m", "remember": "1h"}}},
+     "risk": {"execute": {"limits": [...]}, "delete": {"action": "approve"}},
+     "mode": "enforce"}
+
+Precedence, key by key (action, reason, limits, approval, mode): the tool's own rule, else
+the default of the tool's risk class (top-level ``risk``), else the top level (``default``
+for the action of an unlisted tool; ``mode``). A listed tool whose action is set nowhere is
+allowed. ``arguments`` and ``redact`` exist only per tool.
 
 Unknown keys are errors (typos must not silently weaken a policy), and so are duplicate
 keys. Every error is a `PolicyError` naming the file, the JSON Pointer of the offending key
@@ -34,6 +45,7 @@ from pydantic_core import PydanticCustomError
 __all__ = [
     "WINDOW_NAMES",
     "WINDOW_SECONDS",
+    "ApprovalSpec",
     "Limit",
     "LimitSpec",
     "LoadedPolicy",
@@ -43,6 +55,7 @@ __all__ = [
     "ToolRule",
     "json_pointer",
     "load_policy",
+    "parse_duration",
     "parse_policy",
     "window_text",
 ]
@@ -52,6 +65,27 @@ WINDOW_NAMES: dict[int, str] = {v: k for k, v in WINDOW_SECONDS.items()}
 _WINDOW_MSG = "must be second, minute, hour, day or a positive number of seconds"
 
 Scope = Literal["grant", "agent", "session", "tool", "global"]
+RiskClassName = Literal["read", "write", "delete", "execute"]
+RISK_CLASS_NAMES: tuple[str, ...] = ("read", "write", "delete", "execute")
+Mode = Literal["enforce", "shadow"]
+SHADOW_PREFIX = "shadow:"  # counter name prefix of the shadow copies of a shadow-mode tool's limits
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_MSG = 'must be a duration like "30s", "5m", "1h", "1d" or a positive number of seconds'
+_DURATION_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "string", "pattern": "^[0-9]+[smhd]$"}, {"type": "integer", "minimum": 1}]
+}
+_REMEMBER_MSG = 'must be "once" or a duration like "30s", "5m", "1h", "1d" or a positive number of seconds'
+
+
+def parse_duration(v: Any) -> int:
+    """ "30s" / "5m" / "1h" / "2d" or a positive integer of seconds -> seconds; ValueError else."""
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return v
+    if isinstance(v, str) and len(v) >= 2 and v[-1] in _DURATION_UNITS and v[:-1].isdigit():
+        n = int(v[:-1]) * _DURATION_UNITS[v[-1]]
+        if n > 0:
+            return n
+    raise ValueError(_DURATION_MSG)
 
 
 class PolicyError(ValueError):
@@ -88,7 +122,10 @@ class Limit(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     counter: str = Field(min_length=1, description="counter name; one name = one counter across tools")
-    window: str | int = Field(description="second | minute | hour | day, or a positive number of seconds")
+    window: str | int = Field(
+        description="second | minute | hour | day, or a positive number of seconds",
+        json_schema_extra={"anyOf": [{"enum": list(WINDOW_SECONDS)}, {"type": "integer", "minimum": 1}]},
+    )
     max: int = Field(ge=0, description="calls allowed per window; 0 never allows")
     scope: Scope = "grant"
 
@@ -107,12 +144,91 @@ class Limit(BaseModel):
         return WINDOW_SECONDS[w] if isinstance(w, str) else w
 
 
+class Approval(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    timeout: str | int = Field(
+        "5m",
+        description='how long a call waits for a human ("30s", "5m", "1h" or seconds); then refused',
+        json_schema_extra=_DURATION_SCHEMA,
+    )
+    remember: str | int = Field(
+        "once",
+        description='"once": every call asks; a duration ("1h"): an approval also covers the same grant '
+        "calling the same tool with the same arguments (sha256) for that long",
+        json_schema_extra={"anyOf": [{"const": "once"}, *_DURATION_SCHEMA["anyOf"]]},
+    )
+
+    @field_validator("timeout", mode="plain")
+    @classmethod
+    def _check_timeout(cls, v: Any) -> str | int:
+        try:
+            parse_duration(v)
+        except ValueError:
+            raise PydanticCustomError("duration", _DURATION_MSG) from None
+        return v
+
+    @field_validator("remember", mode="plain")
+    @classmethod
+    def _check_remember(cls, v: Any) -> str | int:
+        if v == "once":
+            return v
+        try:
+            parse_duration(v)
+        except ValueError:
+            raise PydanticCustomError("duration", _REMEMBER_MSG) from None
+        return v
+
+    @property
+    def timeout_s(self) -> int:
+        return parse_duration(self.timeout)
+
+    @property
+    def remember_s(self) -> int:
+        return 0 if self.remember == "once" else parse_duration(self.remember)
+
+
+class RiskOverride(BaseModel):
+    """A tool's risk as the policy says, over what its annotations or name suggest."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    class_: RiskClassName | None = Field(None, alias="class", description="read | write | delete | execute")
+    level: Literal["low", "medium", "high"] | None = None
+
+
+class ClassRule(BaseModel):
+    """The default rule of every tool of one risk class (top-level `risk`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    action: Literal["allow", "deny", "approve"] | None = Field(None, description="absent: from `default`")
+    reason: str | None = None
+    limits: list[Limit] = Field(default_factory=list)
+    approval: Approval | None = None
+    mode: Mode | None = None
+
+
+class RiskDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    read: ClassRule | None = None
+    write: ClassRule | None = None
+    delete: ClassRule | None = None
+    execute: ClassRule | None = None
+
+
 class ToolRule(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    action: Literal["allow", "deny"] | None = Field(None, description="absent: allowed (subject to limits)")
+    action: Literal["allow", "deny", "approve"] | None = Field(
+        None, description="absent: its risk class's action, else allowed (subject to limits)"
+    )
     reason: str | None = None
     limits: list[Limit] = Field(default_factory=list)
+    approval: Approval | None = Field(None, description='with action "approve": timeout and remember')
+    mode: Mode | None = Field(None, description="shadow: decide and record, forward anyway")
+    risk: RiskOverride | None = Field(None, description="this tool's risk class and level")
     arguments: dict[str, Any] | None = Field(None, description="JSON Schema of the call's arguments")
     redact: list[str] | None = Field(None, description="argument key paths the audit writer redacts")
 
@@ -132,6 +248,8 @@ class Policy(BaseModel):
     version: Literal["1"]
     default: Literal["allow", "deny"] = "deny"
     reason: str | None = Field(None, description="text used when the default denies")
+    mode: Mode = Field("enforce", description="shadow: decide and record every call, forward anyway")
+    risk: RiskDefaults | None = Field(None, description="default rules per risk class")
     tools: dict[str, ToolRule] = Field(default_factory=dict)
 
 
@@ -152,8 +270,17 @@ class LimitSpec(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalSpec:
+    """What a call of a tool with action "approve" waits for."""
+
+    timeout_s: int
+    remember_s: int  # 0: "once" (each call asks)
+    pointer: str  # the rule that asked: "/tools/<tool>/action" or "/risk/<class>/action"
+
+
+@dataclass(frozen=True, slots=True)
 class ToolPlan:
-    """Everything `decide` needs about one listed tool."""
+    """Everything `decide` needs about one tool (listed, or of a risk class with defaults)."""
 
     name: str
     denied: bool
@@ -165,6 +292,10 @@ class ToolPlan:
     shared_cells: bool  # two limits of this tool address the same counter cell (charge once)
     never: bool  # denied, or some limit has max 0
     redact: tuple[str, ...]
+    approval: ApprovalSpec | None = None  # set when the effective action is "approve"
+    shadow: bool = False  # effective mode is shadow (its limits count in shadow copies)
+    risk_class: str | None = None  # the policy's override of the tool's class, if any
+    risk_level: str | None = None  # the policy's override of the tool's level, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +303,25 @@ class LoadedPolicy:
     model: Policy
     version: str  # sha256 hex of the file's bytes
     source: str  # the path it was read from (or the `source` given to parse_policy)
-    tools: Mapping[str, ToolPlan]
+    tools: Mapping[str, ToolPlan]  # listed tools, as if no risk class had defaults
     default_allow: bool
     default_reason: str | None  # policy-level `reason`, if any
+    shadow: bool = False  # top-level mode shadow (applies to unlisted tools' default decision)
+    # with a top-level `risk`: class -> (plans of the listed tools merged with that class's
+    # defaults, plan of an unlisted tool of that class or None when the class sets nothing)
+    class_plans: Mapping[str, tuple[Mapping[str, ToolPlan], ToolPlan | None]] | None = None
 
     def redact_paths(self, tool: str | None) -> tuple[str, ...]:
         plan = self.tools.get(tool) if tool is not None else None
         return plan.redact if plan is not None else ()
+
+    def plan(self, tool: str, risk_class: str | None = None) -> ToolPlan | None:
+        """The plan decide() uses for `tool` of `risk_class` (None: the default applies)."""
+        cp = self.class_plans
+        if cp is None or risk_class is None:
+            return self.tools.get(tool)
+        listed, unlisted = cp[risk_class]
+        return listed.get(tool) or unlisted
 
 
 def window_text(window_s: int) -> str:
@@ -269,7 +412,28 @@ def _parse_json(data: bytes, path: str) -> Any:
     return _to_plain(raw, path)
 
 
-_FIELDS_AT = {0: Policy, 2: ToolRule, 4: Limit}  # depth of the parent object in the document
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The model of the object holding the key at ``loc`` (for "allowed: ..." in errors)."""
+    model: type[BaseModel] = Policy
+    i = 0
+    parents = loc[:-1]
+    while i < len(parents):
+        key = parents[i]
+        if model is Policy and key == "tools":
+            model, i = ToolRule, i + 2
+        elif model is Policy and key == "risk":
+            model, i = RiskDefaults, i + 1
+        elif model is RiskDefaults:
+            model, i = ClassRule, i + 1
+        elif key == "limits":
+            model, i = Limit, i + 2
+        elif key == "approval":
+            model, i = Approval, i + 1
+        elif model is ToolRule and key == "risk":
+            model, i = RiskOverride, i + 1
+        else:
+            break
+    return model
 
 
 def _validation_error(e: ValidationError, path: str) -> PolicyError:
@@ -277,8 +441,9 @@ def _validation_error(e: ValidationError, path: str) -> PolicyError:
     loc = tuple(err["loc"])
     typ = err["type"]
     if typ == "extra_forbidden":
-        model = _FIELDS_AT.get(len(loc) - 1, Policy)
-        reason = f"unknown key (allowed: {', '.join(model.model_fields)})"
+        model = _model_at(loc)
+        names = [f.alias or n for n, f in model.model_fields.items()]
+        reason = f"unknown key (allowed: {', '.join(names)})"
     elif typ == "missing":
         reason = "required key is missing"
     else:
@@ -297,6 +462,138 @@ def _compile_schema(schema: dict[str, Any], path: str, pointer: str) -> Callable
         raise PolicyError(path, pointer, f"not a valid JSON Schema: {msg}") from None
 
 
+class _Compiler:
+    """Builds the plans of one policy; checks that one counter name is one counter."""
+
+    def __init__(self, model: Policy, source: str) -> None:
+        self.model = model
+        self.source = source
+        self.seen: dict[str, tuple[int, str, str]] = {}  # counter -> (window_s, scope, pointer)
+        self.specs: dict[tuple[str, bool], tuple[LimitSpec, ...]] = {}  # (base pointer, shadow)
+        self.validators: dict[str, Callable[[Any], Any]] = {}
+
+    def limits(self, base: str, limits: list[Limit], shadow: bool) -> tuple[LimitSpec, ...]:
+        """The compiled limits at ``base`` (e.g. /tools/x or /risk/execute), built once per
+        (place, mode) so that every tool sharing them shares their CounterKey memo too."""
+        got = self.specs.get((base, shadow))
+        if got is not None:
+            return got
+        specs: list[LimitSpec] = []
+        for i, lim in enumerate(limits):
+            ptr = f"{base}/limits/{i}"
+            ws = lim.window_s
+            prev = self.seen.get(lim.counter)
+            if prev is None:
+                self.seen[lim.counter] = (ws, lim.scope, ptr)
+            elif prev[2] != ptr and prev[0] != ws:
+                raise PolicyError(
+                    self.source,
+                    f"{ptr}/window",
+                    f"counter {lim.counter!r} is declared with window {window_text(ws)} here "
+                    f"and {window_text(prev[0])} at {prev[2]}/window",
+                )
+            elif prev[2] != ptr and prev[1] != lim.scope:
+                raise PolicyError(  # pointer to the limit: `scope` may be absent (default grant)
+                    self.source,
+                    ptr,
+                    f"counter {lim.counter!r} is declared with scope {lim.scope} here "
+                    f"and {prev[1]} at {prev[2]}",
+                )
+            specs.append(
+                LimitSpec(
+                    # why a prefix: a shadow-mode tool must not spend the quota of enforced
+                    # tools sharing its counter, yet "would have been rate limited" must be real
+                    counter=SHADOW_PREFIX + lim.counter if shadow else lim.counter,
+                    scope=lim.scope,
+                    scope_key=_SCOPE_KEY[lim.scope],
+                    window_s=ws,
+                    max=lim.max,
+                    pointer=ptr,
+                    reason=f"rate limit {lim.counter} ({lim.max} per {window_text(ws)}) reached",
+                    memo={},
+                )
+            )
+        out = self.specs[(base, shadow)] = tuple(specs)
+        return out
+
+    def validator(self, name: str, rule: ToolRule) -> Callable[[Any], Any] | None:
+        if rule.arguments is None:
+            return None
+        got = self.validators.get(name)
+        if got is None:
+            got = self.validators[name] = _compile_schema(
+                rule.arguments, self.source, f"{json_pointer('tools', name)}/arguments"
+            )
+        return got
+
+    def plan(self, name: str, rule: ToolRule | None, cls: str | None) -> ToolPlan | None:
+        """The plan of tool ``name`` (its ``rule`` if listed) of risk class ``cls`` (None:
+        ignore class defaults). None for an unlisted tool its class says nothing about."""
+        crule = getattr(self.model.risk, cls) if (cls is not None and self.model.risk) else None
+        if rule is None and (crule is None or not crule.model_fields_set):
+            return None
+        tbase = json_pointer("tools", name)
+        cbase = f"/risk/{cls}"
+        # action (and the reason that goes with it): tool > class > listed: allow / unlisted: default
+        if rule is not None and rule.action is not None:
+            action, action_ptr, reason = rule.action, f"{tbase}/action", rule.reason
+        elif crule is not None and crule.action is not None:
+            action, action_ptr, reason = crule.action, f"{cbase}/action", crule.reason
+        elif rule is not None:
+            action, action_ptr, reason = "allow", tbase, rule.reason
+        elif self.model.default == "deny":
+            if crule is None or crule.mode is None:
+                return None  # denied by `default` whatever the class's limits: decide's default path
+            # the class's own mode still applies to the default's decision
+            action, action_ptr = "deny", "/default"
+            reason = self.model.reason or f"tools of risk class {cls} are not allowed (default deny)"
+        else:
+            action, action_ptr, reason = "allow", "/default", None
+        mode = (
+            (rule.mode if rule is not None else None)
+            or (crule.mode if crule is not None else None)
+            or self.model.mode
+        )
+        shadow = mode == "shadow"
+        if rule is not None and "limits" in rule.model_fields_set:
+            specs = self.limits(tbase, rule.limits, shadow)
+        elif crule is not None and crule.limits:
+            specs = self.limits(cbase, crule.limits, shadow)
+        else:
+            specs = ()
+        approval = None
+        if action == "approve":
+            spec = (rule.approval if rule is not None else None) or (
+                crule.approval if crule is not None else None
+            )
+            spec = spec or Approval()
+            approval = ApprovalSpec(spec.timeout_s, spec.remember_s, action_ptr)
+        denied = action == "deny"
+        if denied and reason is None:
+            reason = (
+                f"tool {name} is denied by policy"
+                if rule is not None  # a class plan is shared by every unlisted tool of the class
+                else f"tools of risk class {cls} are denied by policy"
+            )
+        risk = rule.risk if rule is not None else None
+        return ToolPlan(
+            name=name,
+            denied=denied,
+            action_pointer=action_ptr,
+            deny_reason=reason or "",
+            validate=self.validator(name, rule) if rule is not None else None,
+            arguments_pointer=f"{tbase}/arguments",
+            limits=specs,
+            shared_cells=len({s.counter for s in specs}) < len(specs),
+            never=denied or any(s.max == 0 for s in specs),
+            redact=tuple((rule.redact if rule is not None else None) or ()),
+            approval=approval,
+            shadow=shadow,
+            risk_class=risk.class_ if risk is not None else None,
+            risk_level=risk.level if risk is not None else None,
+        )
+
+
 def parse_policy(data: bytes, source: str) -> LoadedPolicy:
     """Validate and compile a policy file's bytes; `source` names it in errors."""
     doc = _parse_json(data, source)
@@ -307,60 +604,27 @@ def parse_policy(data: bytes, source: str) -> LoadedPolicy:
     except ValidationError as e:
         raise _validation_error(e, source) from None
 
-    # One counter name is one counter: its window (and scope) must agree everywhere.
-    seen: dict[str, tuple[int, str, str]] = {}  # counter -> (window_s, scope, pointer of its limit)
+    c = _Compiler(model, source)
     tools: dict[str, ToolPlan] = {}
     for name, rule in model.tools.items():
-        base = json_pointer("tools", name)
-        specs: list[LimitSpec] = []
-        for i, lim in enumerate(rule.limits):
-            ptr = f"{base}/limits/{i}"
-            ws = lim.window_s
-            prev = seen.get(lim.counter)
-            if prev is None:
-                seen[lim.counter] = (ws, lim.scope, ptr)
-            elif prev[0] != ws:
-                raise PolicyError(
-                    source,
-                    f"{ptr}/window",
-                    f"counter {lim.counter!r} is declared with window {window_text(ws)} here "
-                    f"and {window_text(prev[0])} at {prev[2]}/window",
-                )
-            elif prev[1] != lim.scope:
-                raise PolicyError(  # pointer to the limit: `scope` may be absent (default grant)
-                    source,
-                    ptr,
-                    f"counter {lim.counter!r} is declared with scope {lim.scope} here "
-                    f"and {prev[1]} at {prev[2]}",
-                )
-            specs.append(
-                LimitSpec(
-                    counter=lim.counter,
-                    scope=lim.scope,
-                    scope_key=_SCOPE_KEY[lim.scope],
-                    window_s=ws,
-                    max=lim.max,
-                    pointer=ptr,
-                    reason=f"rate limit {lim.counter} ({lim.max} per {window_text(ws)}) reached",
-                    memo={},
-                )
-            )
-        validate = None
-        if rule.arguments is not None:
-            validate = _compile_schema(rule.arguments, source, f"{base}/arguments")
-        denied = rule.action == "deny"
-        tools[name] = ToolPlan(
-            name=name,
-            denied=denied,
-            action_pointer=f"{base}/action" if rule.action is not None else base,
-            deny_reason=rule.reason or f"tool {name} is denied by policy",
-            validate=validate,
-            arguments_pointer=f"{base}/arguments",
-            limits=tuple(specs),
-            shared_cells=len({s.counter for s in specs}) < len(specs),
-            never=denied or any(s.max == 0 for s in specs),
-            redact=tuple(rule.redact or ()),
-        )
+        plan = c.plan(name, rule, None)
+        assert plan is not None
+        tools[name] = plan
+    class_plans = None
+    if model.risk is not None and model.risk.model_fields_set:
+        for cls in RISK_CLASS_NAMES:  # check every class's counters, even if no tool uses them
+            crule = getattr(model.risk, cls)
+            if crule is not None and crule.limits:
+                c.limits(f"/risk/{cls}", crule.limits, False)
+        class_plans = {}
+        for cls in RISK_CLASS_NAMES:
+            listed = {}
+            for name, rule in model.tools.items():
+                fixed = rule.risk.class_ if rule.risk is not None else None
+                p = c.plan(name, rule, fixed or cls)
+                assert p is not None
+                listed[name] = p
+            class_plans[cls] = (listed, c.plan(f"({cls})", None, cls))
     return LoadedPolicy(
         model=model,
         version=hashlib.sha256(data).hexdigest(),
@@ -368,6 +632,8 @@ def parse_policy(data: bytes, source: str) -> LoadedPolicy:
         tools=tools,
         default_allow=model.default == "allow",
         default_reason=model.reason,
+        shadow=model.mode == "shadow",
+        class_plans=class_plans,
     )
 
 

@@ -216,7 +216,7 @@ def test_argument_validation() -> None:
         assert d.reason.startswith("invalid arguments: ")
         assert d.charges == () and d.counters == ()
     d = decide(call("send", arguments={"recipient": 5}), p, {}, T0)
-    assert d.reason == "invalid arguments: arguments.recipient must be string"
+    assert d.reason == "invalid arguments: recipient must be string, not integer"
     assert refusal_text(d).endswith("[rule /tools/send/arguments]")
     assert p.redact_paths("send") == ("content", "credentials.*")
     assert p.redact_paths("other") == () and p.redact_paths(None) == ()

@@ -33,6 +33,7 @@ SCHEMA_FILES = (
     "004_positions.sql",
     "005_alerts.sql",
     "006_outcomes_shutdown.sql",
+    "007_calls_policy_depth.sql",
 )
 
 Rows = list[tuple[Any, ...]]

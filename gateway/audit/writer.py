@@ -206,7 +206,7 @@ class AuditAddon(Addon):
             flow.remote,
             stored,  # arguments
             args_sha256(args) if args is not None else None,
-            d.action,  # decision
+            "allow" if d.shadow else d.action,  # decision: a shadowed call was forwarded
             d.rule,
             d.reason,
             d.retry_after_s,
@@ -218,6 +218,10 @@ class AuditAddon(Addon):
             ],
             [E.counter_charge(k.counter, k.key, k.scope, k.window_start, k.window_s) for k in d.charges],
             flow.policy_version,
+            d.shadow,
+            d.action if d.shadow else None,  # would_decision: what enforcement would have done
+            flow.risk.cls if flow.risk is not None else None,
+            flow.risk.level if flow.risk is not None else None,
         )
 
     # ---- queued events ----------------------------------------------------------------------

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from gateway.auth import Grant
     from gateway.mcp.sessions import Session
     from gateway.policy.engine import Decision
+    from gateway.policy.risk import Risk
 
 
 @dataclass(slots=True, eq=False)
@@ -28,6 +29,7 @@ class CallFlow:
     call_id: str = field(default_factory=uuid7)
     started: float = field(default_factory=time.perf_counter)
     decision: Decision | None = None
+    risk: Risk | None = None  # the tool's risk class and level as the decision saw them
     # how it ended (set before addons' completed())
     outcome: str | None = None
     error_code: int | None = None

@@ -13,6 +13,7 @@ from typing import Any
 from gateway.config import Config, ConfigError
 from ledgergate.cli import audit as cli_audit
 from ledgergate.cli import live as cli_live
+from ledgergate.cli import policy as cli_policy
 from schemas.policy import PolicyError, load_policy
 
 log = logging.getLogger("ledgergate")
@@ -359,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_check)
     cli_audit.add_commands(sub)
     cli_live.add_commands(sub)
+    cli_policy.add_commands(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -49,7 +49,11 @@ CREATE TABLE IF NOT EXISTS audit_events_in
     ok               Nullable(Bool),
     error            String,
     upstream_answered Nullable(Bool),
-    refunded         Nullable(Bool)
+    refunded         Nullable(Bool),
+    shadow           Nullable(Bool),
+    would_decision   String,
+    risk_class       String,
+    risk_level       String
 )
 ENGINE = Null;
 
@@ -80,7 +84,11 @@ CREATE TABLE IF NOT EXISTS audit_calls
     counters         String CODEC(ZSTD(1)),
     charges          String CODEC(ZSTD(1)),
     policy_version   LowCardinality(String),
-    schema_version   UInt16
+    schema_version   UInt16,
+    shadow           Bool,
+    would_decision   LowCardinality(String),
+    risk_class       LowCardinality(String),
+    risk_level       LowCardinality(String)
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(ts)
@@ -91,7 +99,8 @@ SELECT
     event_id, fromUnixTimestamp64Milli(ts, 'UTC') AS ts, gateway, call_id, server, method, tool,
     request_id, `grant`, agent, session, protocol_version, client_name, client_version, remote,
     arguments, args_sha256, decision, rule, reason, retry_after_s, counters, charges,
-    policy_version, schema_version
+    policy_version, schema_version, ifNull(shadow, false) AS shadow, would_decision, risk_class,
+    risk_level
 FROM audit_events_in
 WHERE kind = 'call.decided';
 
