@@ -36,7 +36,7 @@ import orjson
 
 from gateway.admin import classify_error
 from gateway.audit.hooks import AdminRequest
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config
 from ledgergate.cli.link import (  # noqa: F401  (gateway_answers, gateway_url: this module's API too)
     HEALTH_TIMEOUT_S,
     CliError,
@@ -44,6 +44,7 @@ from ledgergate.cli.link import (  # noqa: F401  (gateway_answers, gateway_url: 
     find_gateway,
     gateway_answers,
     gateway_url,
+    load_cli_config,
 )
 from schemas.events import Decision
 
@@ -323,11 +324,7 @@ async def ask(cfg: Config, question: str, params: dict[str, Any]) -> tuple[list[
     return await ask_local(cfg, question, params)
 
 
-def _load(path: str) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        raise CliError(2, str(exc)) from None
+_load = load_cli_config
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

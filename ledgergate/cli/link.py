@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load_config
 
 HEALTH_TIMEOUT_S = 1.5
 
@@ -146,3 +146,11 @@ async def find_gateway(cfg: Config) -> GatewayLink | None:
             "gateway) to ask it over HTTP, or stop it",
         )
     return None  # no gateway: the caller opens the store (a data dir still held says by whom)
+
+
+def load_cli_config(path: str) -> Config:
+    """The config a CLI command was given; a broken file is exit 2 with file, key and reason."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise CliError(2, str(exc)) from None

@@ -20,7 +20,8 @@ import aiohttp
 import orjson
 
 from gateway.config import Config
-from ledgergate.cli.audit import CliError, _load
+from ledgergate.cli.link import CliError
+from ledgergate.cli.link import load_cli_config as _load
 from ledgergate.cli.link import session as _session
 
 
