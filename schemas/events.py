@@ -22,11 +22,11 @@ This module is the ONE place the shape lives. Next to each pydantic model sits i
 builder, a plain function (registered with ``@builds(Model)``) that returns the event as
 a dict in the model's field order: the gateway writes events through the builders
 (pydantic costs ~20x more than the dict on the hot path), and
-tests/test_events_builders.py pins that every builder's bytes are exactly what the model
+tests/schemas/test_events.py pins that every builder's bytes are exactly what the model
 itself would encode. The byte markers the log scanners use (counter rebuild, consumer
 selectors) are defined at the end, from the models' field names, with the field-order
 contract they rely on. The ClickHouse DDL is checked against the models by
-tests/test_events_ddl.py.
+tests/schemas/test_clickhouse_ddl.py.
 
 To add a kind: its model (fields in the order they are written), a ``@builds`` builder
 returning the same keys in the same order, the model in ``Event`` and its kind in
@@ -793,7 +793,7 @@ class LogGap(_Event):
 # write (orjson: no spaces, keys in the model's field order). Inside a JSON string a quote
 # is always escaped, so a key marker can only be faked by a field holding an OBJECT: in
 # call.decided that is the agent-controlled `arguments`. Hence the contract, pinned by
-# tests/test_events_builders.py:
+# tests/schemas/test_events.py:
 #   - FIRST_OCCURRENCE fields precede every object-valued field of every kind that has
 #     them, so their first occurrence in a payload is the event's own;
 #   - LAST_OCCURRENCE fields of call.decided follow `arguments`, so their last one is.

@@ -10,7 +10,7 @@ Failed authentication is aggregated (AuthFailures): a flood of 401s from one add
 one dict update per request and about one event per (address, server, reason) and interval.
 
 Events are built by the fast builders of schemas/events.py (plain dicts in the exact
-shape and field order of its pydantic models; tests/test_events_builders.py pins that)
+shape and field order of its pydantic models; tests/schemas/test_events.py pins that)
 and serialised with orjson: building the pydantic models on every call costs more than
 the rest of the hot path.
 """

@@ -7,7 +7,7 @@ A test module subclasses ``EventLogContract`` and provides:
 - ``expected_partitions``: the partitions the log has.
 
 Everything here goes through the position API (the int-offset API is the one-partition
-special case, tested in tests/test_eventlog_sqlite.py). Payloads are the gateway's compact
+special case, tested in tests/eventlog/test_sqlite.py). Payloads are the gateway's compact
 JSON with a ``grant``, the key that must keep its records in order.
 """
 

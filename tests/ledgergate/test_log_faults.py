@@ -21,9 +21,9 @@ import orjson
 import pytest
 
 from eventlog.sqlite import SqliteEventLog
+from tests.ledgergate.test_audit_e2e import RECORDER, client
 from tests.support.gateway import start_gateway_process, write_config
 from tests.support.procs import stop_process
-from tests.test_audit_e2e import RECORDER, client
 
 KEYS = {"alice": "key-alice-0123456789"}
 
@@ -159,8 +159,8 @@ ADMIN = "admin-token-0123456789"
 async def test_deleted_wal_after_sigkill_is_reported_and_the_limit_holds(tmp_path: Path) -> None:
     import json
 
+    from tests.ledgergate.test_audit_e2e import cli
     from tests.support.procs import start_process
-    from tests.test_audit_e2e import cli
 
     record = tmp_path / "received.txt"
     record.touch()

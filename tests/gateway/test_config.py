@@ -142,7 +142,7 @@ def test_check_command_ok_and_errors(tmp_path: Path) -> None:
 
 
 def test_the_shipped_example_config_is_valid() -> None:
-    example = Path(__file__).parent.parent / "examples" / "ledgergate.toml"
+    example = Path(__file__).resolve().parents[2] / "examples" / "ledgergate.toml"
     cfg = load_config(example, environ={})
     assert set(cfg.servers) == {"whatsapp"}
     assert cfg.policy_path("whatsapp").read_text().strip() == SEED

@@ -32,7 +32,7 @@ from tests.support.gateway import SEED_POLICY, FakeClock, running_gateway, write
 from tests.support.upstreams import StdioCommand
 
 KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789"}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 CANDIDATE = {
     "version": "1",
     "default": "deny",

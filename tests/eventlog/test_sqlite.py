@@ -14,7 +14,7 @@ import pytest
 from eventlog import EventLog, LogUnavailable, Record, SqliteEventLog, open_log
 from schemas.events import CallDecided, decode, encode, now_ms
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 20.0  # generous upper bound for anything that should happen "soon"
 
 

@@ -35,7 +35,7 @@ from tests.support.gateway import FakeClock, RunningGateway, running_gateway, wr
 from tests.support.hostile import RecordingHttp, recorded_calls, recording_stdio_server
 from tests.support.procs import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 KEY = "key-tracing-0123456789"
 KEYS = {"qa": KEY}
 POLICY = {

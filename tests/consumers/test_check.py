@@ -19,10 +19,10 @@ import pytest
 from gateway.admin import answer_json
 from gateway.config import load_config
 from ledgergate.embedded import Embedded
+from tests.ledgergate.test_audit_e2e import RECORDER, cli, client
+from tests.ledgergate.test_log_faults import KEYS, policy
 from tests.support.gateway import start_gateway_process, write_config
 from tests.support.procs import stop_process
-from tests.test_audit_e2e import RECORDER, cli, client
-from tests.test_faults_log import KEYS, policy
 
 ADMIN = "admin-token-0123456789"
 

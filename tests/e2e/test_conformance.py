@@ -18,7 +18,7 @@ from tests.support.gateway import start_gateway_process, write_config
 from tests.support.procs import free_port, start_process, stop_process, wait_tcp
 
 KEY = "key-conformance-0123456789"
-INJECT = Path(__file__).parent / "conformance" / "inject_auth.py"
+INJECT = Path(__file__).resolve().parents[1] / "conformance" / "inject_auth.py"
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import pytest
 
 from tests.support.procs import free_port, start_process, stop_process, wait_http
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = "examples/ledgergate.toml"
 WHATSAPP = ROOT / ".upstreams" / "whatsapp" / "bin" / "whatsapp-mcp"
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

@@ -31,7 +31,7 @@ from tests.support.gateway import SEED_POLICY, write_config
 from tests.support.procs import start_process, stop_process, wait_http
 from tests.support.upstreams import StdioCommand
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[3] / "docs"
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
     "--headless",

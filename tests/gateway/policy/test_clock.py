@@ -17,8 +17,8 @@ import pytest
 from eventlog.sqlite import SqliteEventLog
 from gateway.config import load_config
 from gateway.policy.clock import MonotonicWallClock
+from tests.ledgergate.test_audit_e2e import RECORDER, client, serving
 from tests.support.gateway import SEED_POLICY, FakeClock, write_config
-from tests.test_audit_e2e import RECORDER, client, serving
 
 KEYS = {"alice": "key-alice-0123456789"}
 

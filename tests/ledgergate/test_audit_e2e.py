@@ -30,7 +30,7 @@ from tests.support.procs import stop_process
 from tests.support.upstreams import StdioCommand
 
 ADMIN = "admin-token-0123456789"
-RECORDER = Path(__file__).parent / "support" / "recording_server.py"
+RECORDER = Path(__file__).resolve().parents[1] / "support" / "recording_server.py"
 
 
 def client(base: str, server: str, key: str) -> Client:

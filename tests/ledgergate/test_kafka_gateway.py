@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from gateway.config import load_config
+from tests.ledgergate.test_audit_e2e import ADMIN, RECORDER, cli, client, start_early_in_a_minute
 from tests.support.gateway import SEED_POLICY, start_gateway_process, write_config
 from tests.support.kafka import Tansu, kafka_broker, unique_topic
 from tests.support.procs import stop_process
-from tests.test_audit_e2e import ADMIN, RECORDER, cli, client, start_early_in_a_minute
 
 __all__ = ["kafka_broker"]  # the session fixture, used by name
 

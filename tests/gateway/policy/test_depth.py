@@ -21,7 +21,7 @@ from gateway.policy.upstream_schema import UpstreamSchemas
 from schemas.events import ApprovalRequested, ApprovalResolved, CallDecided, ConfigLoaded
 from schemas.policy import PolicyError, parse_policy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 T0 = 1_700_000_000.0
 PHONE = r"^\+[1-9][0-9]{7,14}$"
 

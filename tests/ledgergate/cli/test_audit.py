@@ -35,7 +35,7 @@ from schemas import events as E
 from tests.support.audit_contract import QUOTED_AGENT, RULE_LIMIT, at, scenario
 from tests.support.gateway import SEED_POLICY, write_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "cli-admin-token"
 
 

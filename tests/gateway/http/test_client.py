@@ -521,7 +521,7 @@ async def test_closed_pool_refuses(up: tuple[Upstream, str]) -> None:
 @pytest.fixture
 def tls_cert() -> tuple[Path, Path]:
     """A committed self-signed localhost certificate (tests/support/tls/README.md)."""
-    d = Path(__file__).parent / "support" / "tls"
+    d = Path(__file__).resolve().parents[2] / "support" / "tls"
     return d / "localhost-test-key.pem", d / "localhost-test-cert.pem"
 
 

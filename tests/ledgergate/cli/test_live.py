@@ -15,10 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from tests.support.gateway import SEED_POLICY, FakeClock, start_gateway_process, write_config
-from tests.support.procs import stop_process
-from tests.support.upstreams import StdioCommand
-from tests.test_alerts import (
+from tests.consumers.test_alerts import (
     ADMIN,
     ADMIN_AUTH,
     EVERY_REFUSAL,
@@ -33,6 +30,9 @@ from tests.test_alerts import (
     serving,
     until,
 )
+from tests.support.gateway import SEED_POLICY, FakeClock, start_gateway_process, write_config
+from tests.support.procs import stop_process
+from tests.support.upstreams import StdioCommand
 
 
 def alert_events(cfg: Any, kind: str) -> list[dict[str, Any]]:

@@ -36,7 +36,7 @@ from gateway.audit.hooks import Addon, AdminRequest
 from gateway.edge import App, HttpServer, bind_private_unix_socket
 from tests.support.procs import free_port, start_process, stop_process, wait_http
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def clean_env() -> dict[str, str]:
