@@ -1,7 +1,8 @@
-"""Composition root of embedded mode (with cli.py, the only module wiring gateway and consumers).
+"""Embedded mode: one process holds the event log, the ClickHouse store and the consumers.
 
-One process holds the event log (SQLite WAL in data_dir), the embedded ClickHouse store
-(chDB in data_dir) and runs the consumers as asyncio tasks next to the gateway.
+`Embedded` opens the log (SQLite WAL in data_dir, or Kafka) and the store (chDB in data_dir,
+or a ClickHouse server) and runs the consumers as asyncio tasks; `serve()` puts the gateway
+app, the admin socket and the optional metrics listener on top.
 """
 
 from __future__ import annotations

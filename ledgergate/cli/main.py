@@ -1,4 +1,4 @@
-"""`ledgergate` command line: the composition root (the only place wiring gateway and consumers)."""
+"""The `ledgergate` command: run, check, replay, and the subcommands of cli/audit.py, live.py, policy.py."""
 
 from __future__ import annotations
 
