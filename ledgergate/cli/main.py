@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError
+from ledgergate.cli import approvals as cli_approvals
 from ledgergate.cli import audit as cli_audit
 from ledgergate.cli import live as cli_live
 from ledgergate.cli import policy as cli_policy
@@ -361,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_audit.add_commands(sub)
     cli_live.add_commands(sub)
     cli_policy.add_commands(sub)
+    cli_approvals.add_commands(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
