@@ -231,3 +231,34 @@ async def test_admin_api_needs_the_token_and_names_unknown_ids(gw: RunningGatewa
             f"{gw.base}/admin/approvals/nope", json={"decision": "maybe"}, headers=headers
         ) as r:
             assert r.status == 400
+
+
+def test_alerts_announce_pending_approvals() -> None:
+    """`on = "approval_pending"` rules fire on approval.requested events (as the gateway writes them)."""
+    from consumers.alerts import RuleEngine
+    from schemas import events as E
+    from schemas.alerts import AlertRule
+
+    ev = E.approval_requested(
+        gateway="g",
+        approval_id="ab12cd34",
+        call_id="c1",
+        server="rec",
+        tool="echo",
+        grant="alice",
+        agent="agent-a",
+        session=None,
+        arguments={"text": "x"},
+        args_sha256="0" * 64,
+        rule="/tools/echo/action",
+        timeout_s=300.0,
+        expires_ts=1,
+        remember_s=0,
+    )
+    eng = RuleEngine([AlertRule(name="ask", on="approval_pending")])
+    refusal = {**ev, "kind": "call.decided", "decision": "deny"}
+    assert eng.feed(orjson.loads(orjson.dumps(refusal)), 0) == []
+    (alert,) = eng.feed(orjson.loads(orjson.dumps(ev)), 1)
+    assert alert.doc["on"] == "approval_pending"
+    assert "ledgergate approvals approve ab12cd34" in alert.doc["text"]
+    assert "agent-a waits for approval ab12cd34 to call echo on rec" in alert.doc["text"]

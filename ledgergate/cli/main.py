@@ -209,12 +209,6 @@ def _check_alerts(cfg: Config, err: Any, found: Findings) -> None:
                 err(f"alerts.sinks[{i}].url", problem)
         if spec.secret_env and not os.environ.get(spec.secret_env):
             err(f"alerts.sinks[{i}].secret_env", f"the environment variable {spec.secret_env} is not set")
-    for i, rule in enumerate(alerts.rules):
-        if rule.on == "approval_pending":
-            found.notes.append(
-                f"alerts.rules[{i}] ({rule.name}): on = approval_pending is valid, but approvals do not "
-                "exist yet (no pending_approval decisions): it never fires"
-            )
     if alerts.rules:
         sinks = ", ".join(s.key for s in alerts.sinks) or "none: alert.fired events on the log only"
         found.notes.append(f"alerts: {len(alerts.rules)} rule(s), sinks: {sinks}")
