@@ -144,10 +144,11 @@ async def test_denied_call_gets_the_comment_and_never_reaches_the_upstream(gw: R
         await wait_until(lambda: gw.proxy.approvals.pending())
         (req,) = gw.proxy.approvals.pending()
         code, out, err = await cli(gw, "approvals", "deny", req.id, "--comment", "not on a friday")
+        assert f"approval {req.id} denied" in out
         assert code == 0, err
         result = await call
         # a second answer to the same id: it says how it ended
-        code, out, err = await cli(gw, "approvals", "approve", req.id)
+        code, _, err = await cli(gw, "approvals", "approve", req.id)
         assert code == 1 and "already denied" in err
     assert result.is_error
     text = result.content[0].text
