@@ -27,6 +27,7 @@ log = logging.getLogger("ledgergate")
 
 PROXY_KEY = "proxy"  # app[PROXY_KEY] is the Proxy
 POLICIES_KEY = "policies"  # app[POLICIES_KEY] is the PolicySet
+CONFIG_KEY = "config"  # app[CONFIG_KEY] is the ConfigWatcher (hot reload of the config file)
 SERVER_REDACT_KEY = "server_redact"  # app[SERVER_REDACT_KEY]: server -> [redact paths], live
 UI_KEY = "ui"  # app.get(UI_KEY) is the dashboard (gateway.ui.dashboard.Dashboard), if mounted
 
@@ -126,6 +127,10 @@ def build_app(
     app[PROXY_KEY] = proxy
     app[POLICIES_KEY] = policies
     app[SERVER_REDACT_KEY] = app_server_redact
+    from gateway.config_live import ConfigWatcher
+
+    watcher = ConfigWatcher(cfg, proxy, policies, chain, app_server_redact, build_upstreams)
+    app[CONFIG_KEY] = watcher
     post = proxy.post
     if trace_incoming:  # only with tracing on: otherwise the hot path has no wrapper at all
         from gateway.observability.propagate import capture
@@ -162,10 +167,19 @@ def build_app(
             asyncio.create_task(proxy.expire_sessions(), name="expire-sessions"),
             asyncio.create_task(policies.watch(), name="policy-watch"),
         ]
+        if cfg.source.exists():  # a config built in code has no file to watch
+            tasks.append(asyncio.create_task(watcher.watch(), name="config-watch"))
+
+        def sighup() -> None:
+            policies.reload()
+            if cfg.source.exists():
+                t = asyncio.create_task(watcher.reload(), name="config-reload")
+                tasks.append(t)
+
         with contextlib.suppress(RuntimeError):  # a loop outside the main thread has no signals
             import signal
 
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policies.reload)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sighup)
         yield
         ui = app.get(UI_KEY)
         if ui is not None:
