@@ -58,7 +58,13 @@ async def gw(tmp_path: Path):
 async def loaded_events(gw: RunningGateway) -> list[dict[str, Any]]:
     await gw.extra["addon"].close()  # flush the queue
     log: SqliteEventLog = gw.extra["log"]
-    return [e for r in await log.read(0, 100_000) if (e := orjson.loads(r.payload))["kind"] == "config.loaded"]
+    events = [orjson.loads(r.payload) for r in await log.read(0, 100_000)]
+    return [e for e in events if e["kind"] == "config.loaded"]
+
+
+def write(path: Path, text: str) -> None:
+    """Rewrite in place (truncate, then write: a reader may see a half-written file)."""
+    path.write_text(text)
 
 
 def client(gw: RunningGateway, server: str, key: str) -> Client:
@@ -73,16 +79,16 @@ async def test_grants_apply_from_the_next_call_and_bad_files_keep_the_old_config
     # bob does not exist yet
     async with gw.client("rec", "alice") as c:
         assert (await c.call_tool("echo", {"text": "a"})).content[0].text == "a"
-    with pytest.raises(Exception):  # noqa: B017,PT011 - the SDK raises its own HTTP error for a 401
+    with pytest.raises(Exception):  # noqa: B017 - the SDK raises its own HTTP error for a 401
         async with client(gw, "rec", KEYS["bob"]) as c:
             await c.list_tools()
-    path.write_text(base + f'\n[grants.bob]\nkey = "{KEYS["bob"]}"\n')
+    write(path, base + f'\n[grants.bob]\nkey = "{KEYS["bob"]}"\n')
     diff = await watcher.reload()
     assert not isinstance(diff, str) and diff.grants_added == ["bob"]
     async with client(gw, "rec", KEYS["bob"]) as c:
         assert (await c.call_tool("echo", {"text": "b"})).content[0].text == "b"
     # a broken file: the old config stays, the event says why
-    path.write_text(base + "\n[grants.bob\n")
+    write(path, base + "\n[grants.bob\n")
     error = await watcher.reload()
     assert isinstance(error, str)
     async with client(gw, "rec", KEYS["bob"]) as c:
@@ -91,7 +97,7 @@ async def test_grants_apply_from_the_next_call_and_bad_files_keep_the_old_config
     text = base.replace("rec.policy.json", "deny.policy.json").replace(
         f"listen = {json.dumps(gw.config.gateway.listen)}", 'listen = "127.0.0.1:1"'
     )
-    path.write_text(text + f'\n[grants.bob]\nkey = "{KEYS["bob"]}"\n')
+    write(path, text + f'\n[grants.bob]\nkey = "{KEYS["bob"]}"\n')
     diff = await watcher.reload()
     assert not isinstance(diff, str)
     assert diff.restart_needed == ["gateway.listen"]
@@ -115,13 +121,13 @@ async def test_servers_are_added_and_removed_live(gw: RunningGateway, tmp_path: 
         f"\n[servers.rec2]\ncommand = {json.dumps(srv['command'])}\n"
         f'env = {{ RECORD_FILE = {json.dumps(str(record2))} }}\npolicy = "rec.policy.json"\n'
     )
-    path.write_text(base + added)
+    write(path, base + added)
     diff = await gw.app[CONFIG_KEY].reload()
     assert not isinstance(diff, str) and diff.servers_added == ["rec2"]
     async with gw.client("rec2", "alice") as c:
         assert (await c.call_tool("echo", {"text": "new"})).content[0].text == "new"
     assert b'"echo"' in record2.read_bytes()
-    path.write_text(base)
+    write(path, base)
     diff = await gw.app[CONFIG_KEY].reload()
     assert not isinstance(diff, str) and diff.servers_removed == ["rec2"]
     assert "rec2" not in gw.proxy.upstreams
@@ -146,7 +152,7 @@ async def test_reload_under_load_every_call_sees_the_old_or_the_new_rule(gw: Run
         nonlocal rewrites
         while not done.is_set():
             rewrites += 1
-            path.write_text(texts[rewrites % 2])
+            write(path, texts[rewrites % 2])
             await asyncio.sleep(0.01)
 
     seen: list[str] = []
