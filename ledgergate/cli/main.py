@@ -15,6 +15,7 @@ from ledgergate.cli import approvals as cli_approvals
 from ledgergate.cli import audit as cli_audit
 from ledgergate.cli import live as cli_live
 from ledgergate.cli import policy as cli_policy
+from ledgergate.cli import tools as cli_tools
 from schemas.policy import PolicyError, load_policy
 
 log = logging.getLogger("ledgergate")
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_live.add_commands(sub)
     cli_policy.add_commands(sub)
     cli_approvals.add_commands(sub)
+    cli_tools.add_commands(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
