@@ -263,3 +263,28 @@ def test_alerts_announce_pending_approvals() -> None:
     assert alert.doc["on"] == "approval_pending"
     assert "ledgergate approvals approve ab12cd34" in alert.doc["text"]
     assert "agent-a waits for approval ab12cd34 to call echo on rec" in alert.doc["text"]
+
+
+async def test_upstream_schema_and_risk_from_tools_list(tmp_path: Path, whatsapp_command: Any) -> None:
+    """validate_upstream_schema = true: once the gateway saw the upstream's tools/list, a call
+    breaking its inputSchema is refused by the gateway (rule upstream:...)."""
+    cfg = write_config(
+        tmp_path,
+        servers={
+            "whatsapp": {
+                "command": whatsapp_command.argv,
+                "env": whatsapp_command.env,
+                "validate_upstream_schema": True,
+            }
+        },
+        policies={"whatsapp": {"version": "1", "default": "allow"}},
+        grants=KEYS,
+    )
+    async with running_gateway(cfg, KEYS, FakeClock()) as g, g.client("whatsapp", "alice") as c:
+        tools = await c.list_tools()
+        assert "send_message" in [t.name for t in tools.tools]
+        assert g.proxy.schemas.risk("whatsapp", "get_chats").cls == "read"
+        r = await c.call_tool("send_message", {"content": 5})
+    assert r.is_error
+    assert r.structured_content["decision"] == "invalid_arguments"
+    assert r.structured_content["rule"] == "upstream:/tools/send_message/inputSchema"
