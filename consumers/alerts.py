@@ -59,6 +59,7 @@ MAX_SEEN = 100_000  # alert ids remembered for dedupe while running
 
 _EXAMPLE_FIELDS = (
     "event_id",
+    "approval_id",
     "ts",
     "agent",
     "grant",
@@ -143,6 +144,8 @@ class CompiledRule:
         kind = ev.get("kind")
         if self.on == "auth_failure":
             return max(1, int(ev.get("count") or 1)) if kind == "auth.failed" else 0
+        if self.on == "approval_pending":  # a held call: announced as it starts waiting
+            return 1 if kind == "approval.requested" else 0
         return 1 if kind == "call.decided" and ev.get("decision") in self.decisions else 0
 
     def key(self, ev: dict[str, Any]) -> tuple[str, ...]:
@@ -237,6 +240,13 @@ class RuleEngine:
             text = (
                 f"{rule.name}: {count} more {what}{' by ' + where if where else ''} suppressed "
                 f"by the {_duration_text(rule.throttle_ms / 1000)} throttle"  # type: ignore[operator]
+            )
+        elif count == 1 and rule.on == "approval_pending":
+            ex = first.example
+            aid = ex.get("approval_id", "?")
+            text = (
+                f"{rule.name}: {ex.get('agent', '?')} waits for approval {aid} to call {ex.get('tool', '?')} "
+                f"on {ex.get('server', '?')}: `ledgergate approvals approve {aid}` or `... deny {aid}`"
             )
         elif count == 1 and rule.on != "auth_failure":
             ex = first.example
@@ -410,7 +420,7 @@ class _Pending:
 class AlertsConsumer(LogConsumer):
     """See the module doc. ``clock`` (UTC seconds) only ends throttles (``tick``)."""
 
-    kinds = frozenset({"call.decided", "auth.failed"})
+    kinds = frozenset({"call.decided", "auth.failed", "approval.requested"})
 
     def __init__(
         self,

@@ -24,7 +24,7 @@ import orjson
 from consumers.runner import LogConsumer
 from consumers.store import AuditStore
 from eventlog.base import EventLog
-from schemas.events import ALERT_KINDS, CALL_KINDS, KIND_MARKER, SECURITY_KINDS, decode_raw
+from schemas.events import ALERT_KINDS, APPROVAL_KINDS, CALL_KINDS, KIND_MARKER, SECURITY_KINDS, decode_raw
 
 log_ = logging.getLogger(__name__)
 
@@ -61,11 +61,15 @@ class AuditConsumer(LogConsumer):
     _security = frozenset(SECURITY_KINDS)
     _alerts = frozenset(ALERT_KINDS)
     _calls = frozenset(CALL_KINDS)
+    # approval.* / config.loaded -> audit_approval_requests / _resolutions / audit_config_loads (008)
+    approvals_table = "approval_events_in"
+    _approvals = frozenset(APPROVAL_KINDS)
 
     def route(self, payloads: list[bytes]) -> list[tuple[str, list[bytes]]]:
         calls: list[bytes] = []
         security: list[bytes] = []
         alerts: list[bytes] = []
+        approvals: list[bytes] = []
         for p in payloads:
             kind = event_kind(p)
             if kind in self._security:
@@ -74,7 +78,14 @@ class AuditConsumer(LogConsumer):
                 calls.append(p)
             elif kind in self._alerts:
                 alerts.append(p)
-        routed = ((self.table, calls), (self.security_table, security), (self.alerts_table, alerts))
+            elif kind in self._approvals:
+                approvals.append(p)
+        routed = (
+            (self.table, calls),
+            (self.security_table, security),
+            (self.alerts_table, alerts),
+            (self.approvals_table, approvals),
+        )
         return [(t, part) for t, part in routed if part]
 
     def __init__(self, log: EventLog, store: AuditStore, name: str = "audit", *, batch: int = 50_000) -> None:

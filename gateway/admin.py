@@ -11,6 +11,12 @@ the file's permissions are the credential); those requests are audited with call
 - ``GET /admin/events?follow=1`` (``add_event_stream``): decided events and alerts, live (SSE)
 - ``POST /admin/policies/reload`` (only when a ``reload`` callable is given): ``{server:
   null | error}``, 200 when every policy loaded, 422 when one failed (it keeps its old policy)
+- ``GET /admin/approvals``: the held calls, ``{"pending": [...]}`` (``add_approval_routes``)
+- ``POST /admin/approvals/{id}`` with ``{"decision": "approve" | "deny", "comment": TEXT, "by":
+  NAME}``: resolve one; 200 ``{"resolution": ...}``, 404 ``not_found`` (unknown id), 409
+  ``conflict`` (already approved / denied / timed out / cancelled), 400 ``bad_request``.
+  ``by`` is recorded as given (the CLI sends the OS user); without it: ``token`` on TCP, the
+  peer's ``uid N pid N`` on the socket
 - ``POST /admin/policies/simulate?server=NAME&since=7d`` with a candidate policy file as
   the body (mounted by ``add_simulate_route``): the recorded calls replayed through it,
   ``gateway.policy.simulate.Simulation.as_json()``; 400 ``bad_request`` for a broken policy
@@ -468,3 +474,57 @@ def add_simulate_route(app: App, token: str, simulate: SimulateFn) -> None:
         return json_response(doc)
 
     app.add_post("/admin/policies/simulate", do_simulate)
+
+
+def add_approval_routes(app: App, token: str | None, approvals: Any) -> None:
+    """Mount ``GET /admin/approvals`` and ``POST /admin/approvals/{id}`` (module doc) for
+    ``approvals`` (gateway.approvals_live.LiveApprovals). ``token=None``: the owner-only
+    local socket, no authentication."""
+    from gateway.approvals_live import ApprovalError, resolution_json
+
+    if token is not None and not token:
+        raise ValueError("the admin API needs a non-empty admin token")
+    expected = f"Bearer {token}".encode()
+
+    def authorized(req: Request) -> bool:
+        if token is None:
+            return True
+        given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given, expected)
+
+    async def listing(req: Request) -> Response:
+        if not authorized(req):
+            return _error(401, "unauthorized", "missing or wrong admin token")
+        return json_response({"pending": [approvals.as_json(r) for r in approvals.pending()]})
+
+    async def resolve(req: Request) -> Response:
+        if not authorized(req):
+            return _error(401, "unauthorized", "missing or wrong admin token")
+        try:
+            body = orjson.loads(await req.read() or b"{}")
+        except orjson.JSONDecodeError as exc:
+            return _error(400, "bad_request", f"body is not JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error(400, "bad_request", 'body must be {"decision": "approve"|"deny", "comment": ...}')
+        extra = set(body) - {"decision", "comment", "by"}
+        if extra:
+            return _error(400, "bad_request", f"unknown keys in body: {', '.join(sorted(extra))}")
+        decision = body.get("decision")
+        if decision not in ("approve", "deny"):
+            return _error(400, "bad_request", 'decision must be "approve" or "deny"')
+        comment, by = body.get("comment"), body.get("by")
+        if not isinstance(comment, str | None) or not isinstance(by, str | None):
+            return _error(400, "bad_request", "comment and by must be strings")
+        if not by:
+            by = "token" if token is not None else (peer_credentials(req) or "socket")
+        rid = req.match_info["id"]
+        try:
+            fn = approvals.approve if decision == "approve" else approvals.deny
+            res = fn(rid, by, comment or None)
+        except ApprovalError as exc:
+            known = approvals.state.resolution(rid) is not None
+            return _error(409 if known else 404, "conflict" if known else "not_found", str(exc))
+        return json_response({"resolution": resolution_json(res)})
+
+    app.add_get("/admin/approvals", listing)
+    app.add_post("/admin/approvals/{id}", resolve)

@@ -9,12 +9,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from gateway.approvals_live import LiveApprovals
 from gateway.audit.hooks import Addon, AddonChain
+from gateway.audit.redaction import redact
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.edge import App, EdgeLimits
 from gateway.policy.clock import MonotonicWallClock
 from gateway.policy.live import PolicySet
+from gateway.policy.upstream_schema import UpstreamSchemas
 from gateway.proxy import Proxy, health, health_detail
 from gateway.upstreams.base import Upstream
 from gateway.upstreams.http import HttpUpstream
@@ -24,6 +27,8 @@ log = logging.getLogger("ledgergate")
 
 PROXY_KEY = "proxy"  # app[PROXY_KEY] is the Proxy
 POLICIES_KEY = "policies"  # app[POLICIES_KEY] is the PolicySet
+CONFIG_KEY = "config"  # app[CONFIG_KEY] is the ConfigWatcher (hot reload of the config file)
+SERVER_REDACT_KEY = "server_redact"  # app[SERVER_REDACT_KEY]: server -> [redact paths], live
 UI_KEY = "ui"  # app.get(UI_KEY) is the dashboard (gateway.ui.dashboard.Dashboard), if mounted
 
 
@@ -78,6 +83,13 @@ def build_app(
     policies = PolicySet({name: cfg.policy_path(name) for name in cfg.servers}, chain)
     policies.load_all()  # raises PolicyError naming the file: fail at start, never serve without a policy
     upstreams = build_upstreams(cfg)
+    server_redact = {name: list(srv.redact) for name, srv in cfg.servers.items() if srv.redact}
+
+    def redact_args(server: str, tool: str, args: dict[str, Any] | None) -> dict[str, Any] | None:
+        if args is None:
+            return None
+        return redact(args, [*server_redact.get(server, ()), *policies[server].redact_paths(tool)])
+
     proxy = Proxy(
         auth=Authenticator.from_config(cfg),
         policies=policies,
@@ -92,7 +104,13 @@ def build_app(
         max_sessions_per_grant=cfg.gateway.max_sessions_per_grant,
         max_inflight_per_grant=cfg.gateway.max_inflight_per_grant,
         drain_timeout_s=cfg.gateway.drain_timeout_s,
+        schemas=UpstreamSchemas(
+            enabled={name for name, srv in cfg.servers.items() if srv.validate_upstream_schema}
+        ),
+        approvals=LiveApprovals(chain, clock),
+        redact_args=redact_args,
     )
+    app_server_redact = server_redact  # the config watcher updates it in place (app[SERVER_REDACT_KEY])
     gw = cfg.gateway
     app = App(
         EdgeLimits(
@@ -108,6 +126,11 @@ def build_app(
     )
     app[PROXY_KEY] = proxy
     app[POLICIES_KEY] = policies
+    app[SERVER_REDACT_KEY] = app_server_redact
+    from gateway.config_live import ConfigWatcher
+
+    watcher = ConfigWatcher(cfg, proxy, policies, chain, app_server_redact, build_upstreams)
+    app[CONFIG_KEY] = watcher
     post = proxy.post
     if trace_incoming:  # only with tracing on: otherwise the hot path has no wrapper at all
         from gateway.observability.propagate import capture
@@ -121,6 +144,9 @@ def build_app(
     app.add_head("/healthz", health)
     if cfg.gateway.admin_token:
         app.add_get("/admin/health", health_detail(proxy, cfg.gateway.admin_token))
+        from gateway.admin import add_approval_routes
+
+        add_approval_routes(app, cfg.gateway.admin_token, proxy.approvals)
     if admin is not None and cfg.gateway.admin_token:
         from gateway.admin import add_admin_routes
 
@@ -141,10 +167,19 @@ def build_app(
             asyncio.create_task(proxy.expire_sessions(), name="expire-sessions"),
             asyncio.create_task(policies.watch(), name="policy-watch"),
         ]
+        if cfg.source.exists():  # a config built in code has no file to watch
+            tasks.append(asyncio.create_task(watcher.watch(), name="config-watch"))
+
+        def sighup() -> None:
+            policies.reload()
+            if cfg.source.exists():
+                t = asyncio.create_task(watcher.reload(), name="config-reload")
+                tasks.append(t)
+
         with contextlib.suppress(RuntimeError):  # a loop outside the main thread has no signals
             import signal
 
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policies.reload)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, sighup)
         yield
         ui = app.get(UI_KEY)
         if ui is not None:

@@ -8,7 +8,17 @@ Order of checks on every request: Host/Origin (403), credentials (401), server (
 MCP-Protocol-Version (400), body size (413), JSON-RPC shape (400), session (400/404).
 Only tools/call is policed; every other method is forwarded untouched (and still
 logged). Only tools/list answers are rewritten (tools the grant can never call are
-dropped).
+dropped); they also feed `UpstreamSchemas` (each tool's risk from its annotations, and
+its inputSchema for servers with validate_upstream_schema). A server never listed yet is
+not asked for its tools by the gateway: its tools' risk comes from their names and the
+upstream judges their arguments, until an agent lists them.
+
+A call whose decision is ``approval_required`` is HELD (`_hold`): registered in the
+gateway's `LiveApprovals` (approval.requested), with ``notifications/progress`` on its SSE
+stream every `approval_progress_s` when the client sent a progressToken; approved -> decided
+again with ``approved=True`` and charged (no await between) and forwarded; denied, timed
+out, or the client hung up -> refused with that reason. Its call.decided is written once,
+with the final decision (a refused held call: ``deny`` with the approval's rule).
 """
 
 from __future__ import annotations
@@ -27,7 +37,9 @@ import orjson
 from aiohttp.web import HTTPRequestEntityTooLarge, Response, StreamResponse
 
 from eventlog.ratelog import AggregatingLog
+from gateway.approvals_live import LiveApprovals
 from gateway.audit.hooks import Addon
+from gateway.audit.redaction import args_sha256
 from gateway.auth import Authenticator, Grant, failure_reason
 from gateway.edge import Request, json_error, json_response
 from gateway.http.sse import format_event
@@ -36,9 +48,10 @@ from gateway.mcp.flow import CallFlow
 from gateway.mcp.jsonrpc import InvalidMessage, Kind
 from gateway.mcp.sessions import MODERN_VERSIONS, SUPPORTED_VERSIONS, Session, SessionRegistry, new_session_id
 from gateway.observability import propagate
-from gateway.policy.engine import Call, Decision, can_ever_call, decide, refusal_text
+from gateway.policy.engine import Call, Decision, can_ever_call, decide, effective_risk, refusal_text
 from gateway.policy.limiter import Limiter
 from gateway.policy.live import PolicySet
+from gateway.policy.upstream_schema import UpstreamSchemas
 from gateway.upstreams.base import Event, Inbound, Refused, Upstream, UpstreamFailed, UpstreamReply
 
 log = logging.getLogger("ledgergate.proxy")
@@ -48,6 +61,8 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 # the audit `rule` of a request-only method (tools/call...) that arrived as a notification
 NOTIFICATION_RULE = "gateway:request-only-method-as-notification"
 _JSON = "application/json"
+
+WENT_AWAY = "the client went away while waiting for approval"
 
 # how long cut calls get to write their error once cancelled at shutdown (an agent that does
 # not read its stream must not hold the shutdown)
@@ -85,6 +100,10 @@ class Proxy:
         max_sessions_per_grant: int = 256,
         max_inflight_per_grant: int = 64,
         drain_timeout_s: float = 10.0,
+        schemas: UpstreamSchemas | None = None,
+        approvals: LiveApprovals | None = None,
+        redact_args: Callable[[str, str, dict[str, Any] | None], dict[str, Any] | None] | None = None,
+        approval_progress_s: float = 5.0,
     ) -> None:
         self.auth = auth
         self.policies = policies
@@ -103,6 +122,11 @@ class Proxy:
         self._forwarding: dict[asyncio.Task[Any], CallFlow] = {}  # allowed calls being forwarded
         self._drained = asyncio.Event()  # set while _forwarding is empty
         self._drained.set()
+        self.schemas = schemas if schemas is not None else UpstreamSchemas()
+        self.approvals = approvals if approvals is not None else LiveApprovals(addons, clock)
+        # the arguments an approver reads (and approval.requested stores): redacted like call.decided's
+        self.redact_args = redact_args or (lambda server, tool, args: None)
+        self.approval_progress_s = approval_progress_s
 
     # ---- checks shared by POST, GET and DELETE -------------------------------------------
 
@@ -363,22 +387,34 @@ class Proxy:
                     msg["id"],
                 )
             flow.tool = name
+            schemas = self.schemas
+            flow.risk = effective_risk(name, policy, schemas.risk(server, name))
+            check = schemas.validator(server, name) if server in schemas.enabled else None
+        else:
+            check = None
         limiter = self.limiters[server]
+        call = Call(
+            server=server,
+            method=method,
+            tool=flow.tool,
+            grant=grant.name,
+            agent=grant.agent,
+            session=session.id,
+            arguments=flow.arguments,
+        )
         decision = decide(
-            Call(
-                server=server,
-                method=method,
-                tool=flow.tool,
-                grant=grant.name,
-                agent=grant.agent,
-                session=session.id,
-                arguments=flow.arguments,
-            ),
+            call,
             policy,
             limiter.view(),
             self.clock(),
+            risk=flow.risk,
+            approvals=self.approvals.remembered(),
+            upstream=check,
         )
         limiter.charge(decision)  # no await between decide and charge: atomic in asyncio
+        held: StreamResponse | None = None  # the SSE answer a held call already started
+        if decision.action == "approval_required" and not decision.shadow:
+            decision, held = await self._hold(flow, inbound, call, decision, limiter, check)
         flow.decision = decision
         try:
             await self.addons.decided(flow)
@@ -393,15 +429,22 @@ class Proxy:
             )
             flow.finish("upstream_error", code=jsonrpc.INTERNAL_ERROR, message="audit log unavailable")
             # the exception's text stays in the gateway's log: it may name paths or hosts
-            return error_response(
-                503,
-                jsonrpc.INTERNAL_ERROR,
-                "Service Unavailable: the audit log cannot record this call, so it was not forwarded",
-                msg["id"],
+            return await self._held_answer(
+                held,
+                error_response(
+                    503,
+                    jsonrpc.INTERNAL_ERROR,
+                    "Service Unavailable: the audit log cannot record this call, so it was not forwarded",
+                    msg["id"],
+                ),
             )
         try:
             if not decision.allowed:
-                return self._refuse(flow, decision)
+                if flow.outcome == "cancelled":  # a held call whose client hung up: nobody reads this
+                    resp = self._refuse(flow, decision)
+                    flow.finish("cancelled", message=WENT_AWAY)
+                    return resp if held is None else held
+                return await self._held_answer(held, self._refuse(flow, decision))
             transform = self._tools_filter(server) if method == "tools/list" else None
             session.active += 1
             task = asyncio.current_task()
@@ -409,7 +452,9 @@ class Proxy:
                 self._forwarding[task] = flow
                 self._drained.clear()
             try:
-                return await self._forward(flow, inbound, session, upstream, transform, on_open)
+                return await self._held_answer(
+                    held, await self._forward(flow, inbound, session, upstream, transform, on_open, held)
+                )
             except Exception:
                 if inbound.started:
                     raise  # the answer's head is out: only closing the connection is left
@@ -438,6 +483,127 @@ class Proxy:
                 flow.finish("cancelled", message="the gateway stopped handling the call")
             self.addons.completed(flow)
 
+    # ---- held calls (policy action "approve") -------------------------------------------------
+
+    async def _hold(
+        self,
+        flow: CallFlow,
+        inbound: Inbound,
+        call: Call,
+        decision: Decision,
+        limiter: Limiter,
+        check: Callable[[Any], Any] | None,
+    ) -> tuple[Decision, StreamResponse | None]:
+        """Hold a call for a human; returns its final decision and the SSE answer already
+        started (progress notifications), if any. Approved: decided again with approved=True
+        against the policy and counters of then, and charged, with no await between."""
+        spec = decision.approval
+        assert spec is not None and flow.tool is not None
+        server = flow.server
+        args = flow.arguments
+        req, fut = self.approvals.hold(
+            server=server,
+            grant=flow.grant.name,
+            agent=flow.grant.agent,
+            tool=flow.tool,
+            args_sha256=args_sha256({} if args is None else args),
+            timeout_s=spec.timeout_s,
+            remember_s=spec.remember_s,
+            rule=spec.pointer,
+            session=flow.session.id if flow.session is not None else None,
+            arguments=self.redact_args(server, flow.tool, args),
+            call_id=flow.call_id,
+        )
+        meta = flow.params.get("_meta") if flow.params else None
+        token = meta.get("progressToken") if isinstance(meta, dict) else None
+        held: StreamResponse | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spec.timeout_s
+        progress = 0
+        try:
+            if token is not None and "text/event-stream" in inbound.headers.get("Accept", ""):
+                headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+                if flow.session is not None:
+                    headers["Mcp-Session-Id"] = flow.session.id
+                held = StreamResponse(status=200, headers=headers)
+                inbound.started = True
+                assert inbound.request is not None
+                await held.prepare(inbound.request)
+            while not fut.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    self.approvals.timeout(req.id)
+                    break
+                await asyncio.wait((fut,), timeout=min(left, self.approval_progress_s))
+                if fut.done() or held is None:
+                    continue
+                progress += 1
+                note = {
+                    "jsonrpc": "2.0",
+                    "method": "notifications/progress",
+                    "params": {
+                        "progressToken": token,
+                        "progress": progress,
+                        "message": f"waiting for approval {req.id} (`ledgergate approvals approve {req.id}`)",
+                    },
+                }
+                await held.write(format_event(orjson.dumps(note)))
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
+            # the client hung up (the edge cancels the handler on a lost connection, or a
+            # progress write failed): the request is cancelled and the call recorded as such
+            self.approvals.cancel(req.id, WENT_AWAY)
+            if isinstance(exc, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is None or task.uncancel() > 0:
+                    raise  # cancelled by more than the hang-up: let it through
+            flow.finish("cancelled", message=WENT_AWAY)
+        res = fut.result() if fut.done() else self.approvals.state.resolution(req.id)
+        assert res is not None
+        if res.approved:
+            d = decide(
+                call,
+                self.policies[server],  # a reload while it waited applies
+                limiter.view(),
+                self.clock(),
+                risk=flow.risk,
+                approvals=self.approvals.remembered(),
+                approved=True,
+                upstream=check,
+            )
+            limiter.charge(d)  # no await between decide and charge
+            if d.action == "allow" and d.reason is None:
+                d = Decision(
+                    d.action,
+                    d.rule,
+                    f"approved by {res.by or '?'}" + (f": {res.comment}" if res.comment else ""),
+                    d.counters,
+                    d.retry_after_s,
+                    d.charges,
+                )
+            return d, held
+        if res.outcome == "denied":
+            who = res.by or "an approver"
+            reason = f"approval {req.id} denied by {who}" + (f": {res.comment}" if res.comment else "")
+        elif res.outcome == "timed_out":
+            reason = f"approval {req.id} timed out after {spec.timeout_s} s with no answer"
+        else:
+            reason = f"approval {req.id} cancelled: {res.comment or 'the call stopped waiting'}"
+        return Decision("deny", spec.pointer, reason, (), None, ()), held
+
+    async def _held_answer(self, held: StreamResponse | None, resp: StreamResponse) -> StreamResponse:
+        """A call whose SSE answer started while held: a whole JSON answer goes out as its
+        last event (a relayed stream already wrote into ``held``)."""
+        if held is None or resp is held:
+            return resp
+        body = getattr(resp, "body", None)
+        try:
+            if isinstance(body, bytes | bytearray) and body:
+                await held.write(format_event(bytes(body)))
+            await held.write_eof()
+        except ConnectionResetError:
+            pass
+        return held
+
     async def _forward(
         self,
         flow: CallFlow,
@@ -446,6 +612,7 @@ class Proxy:
         upstream: Upstream,
         transform: Transform | None,
         on_open: Callable[[Session], None] | None,
+        held: StreamResponse | None = None,
     ) -> StreamResponse:
         """Forward an allowed request; answer the agent with what the upstream said, record how it ended."""
         initialize = on_open is not None
@@ -493,7 +660,7 @@ class Proxy:
         headers = reply.headers
         headers["Mcp-Session-Id"] = session.id
         if reply.events is not None:
-            return await self._relay_stream(inbound, reply, session, flow, transform)
+            return await self._relay_stream(inbound, reply, session, flow, transform, held)
         if reply.message is not None:  # one message the transport parsed: the gateway serialises it
             msg = reply.message
             if transform is not None and "result" in msg:
@@ -537,20 +704,23 @@ class Proxy:
         session: Session,
         flow: CallFlow | None = None,
         transform: Transform | None = None,
+        held: StreamResponse | None = None,
     ) -> StreamResponse:
         """Relay an upstream's stream as SSE, event by event as each arrives (never buffered):
         a sampling or elicitation request mid-call reaches the agent while the call waits.
-        With a `flow` (a call's answer) its final response is observed (and transformed)."""
+        With a `flow` (a call's answer) its final response is observed (and transformed).
+        ``held``: the SSE answer a held call already started (written into, not prepared)."""
         events = reply.events
         assert events is not None
         headers = reply.headers
         headers["Mcp-Session-Id"] = session.id
-        resp = StreamResponse(status=reply.status, headers=headers)
+        resp = held if held is not None else StreamResponse(status=reply.status, headers=headers)
         nbytes = 0
         try:
             inbound.started = True
             assert inbound.request is not None
-            await resp.prepare(inbound.request)
+            if held is None:
+                await resp.prepare(inbound.request)
             async for ev in events:
                 raw = ev.raw
                 if ev.final and flow is not None and flow.outcome is None:
@@ -650,6 +820,9 @@ class Proxy:
         `timeout_s` (drain_timeout_s), then cut the rest: each answers its agent with a
         JSON-RPC error and records outcome "shutdown". Returns how many were cut."""
         timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
+        held = self.approvals.cancel_all("the gateway is shutting down")
+        if held:
+            log.info("shutdown: %d held calls refused (no approval can reach them any more)", held)
         if self._forwarding:
             log.info("draining %d calls in flight (up to %g s)", len(self._forwarding), timeout_s)
             with contextlib.suppress(TimeoutError):
@@ -752,13 +925,20 @@ class Proxy:
 
     def _tools_filter(self, server: str) -> Transform:
         policy = self.policies[server]
+        schemas = self.schemas
 
         def transform(msg: dict[str, Any]) -> dict[str, Any]:
             result = msg.get("result")
             tools = result.get("tools") if isinstance(result, dict) else None
             if not isinstance(tools, list):
                 return msg
-            kept = [t for t in tools if not isinstance(t, dict) or can_ever_call(str(t.get("name")), policy)]
+            schemas.update(server, tools)  # what the upstream says: risk, inputSchema
+            kept = [
+                t
+                for t in tools
+                if not isinstance(t, dict)
+                or can_ever_call(str(t.get("name")), policy, schemas.risk(server, str(t.get("name"))))
+            ]
             if len(kept) == len(tools):
                 return msg
             return {**msg, "result": {**result, "tools": kept}}

@@ -490,6 +490,9 @@ async def start_admin_socket(cfg: Config, embedded: Embedded, app: App, addon: A
     local_app = App(EdgeLimits(max_body_bytes=max(cfg.gateway.max_body_bytes, 1 << 20)))
     local_app.add_get("/healthz", health)
     add_admin_routes(local_app, None, embedded.answer, app[POLICIES_KEY].reload, addon, health=health_detail)
+    from gateway.admin import add_approval_routes
+
+    add_approval_routes(local_app, None, proxy.approvals)
     add_event_stream(local_app, None, embedded.events, addon)
     path = cfg.data_dir.absolute() / ADMIN_SOCKET
     local = HttpServer(local_app, unix_path=path)

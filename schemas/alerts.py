@@ -30,12 +30,13 @@ RuleOn = Literal["refusal", "limit", "auth_failure", "approval_pending"]
 SinkType = Literal["webhook", "stdout", "kafka"]
 GroupField = Literal["agent", "grant", "tool", "server", "rule", "decision", "remote", "reason"]
 
-# which decisions each `on` matches (call.decided); auth_failure matches auth.failed events
+# which decisions each `on` matches (call.decided); auth_failure matches auth.failed events,
+# approval_pending matches approval.requested events (a call held for a human)
 REFUSALS = frozenset({"deny", "rate_limited", "invalid_arguments"})
 ON_DECISIONS: dict[str, frozenset[str]] = {
     "refusal": REFUSALS,
     "limit": frozenset({"rate_limited"}),
-    "approval_pending": frozenset({"pending_approval"}),
+    "approval_pending": frozenset(),
 }
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")

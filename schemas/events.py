@@ -17,6 +17,10 @@ Kinds:
                   between `first_ts` and `last_ts`; never any key material
 - admin.query     an admin API (or local CLI) forensic question: who asked what, how it ended
 - admin.reload    a policy reload asked over the admin API
+- approval.requested / approval.resolved  a call held for a human (policy action "approve"),
+                  and how it ended (approved / denied by whom with what comment, timed out,
+                  cancelled); the held call's call.decided is written once it is resolved
+- config.loaded   the config file was (re)loaded: what applied live, what needs a restart
 
 This module is the ONE place the shape lives. Next to each pydantic model sits its
 builder, a plain function (registered with ``@builds(Model)``) that returns the event as
@@ -734,6 +738,163 @@ def alert_failed(
     }
 
 
+# --------------------------------------------------------------------------- policy depth
+# (issue 15) held calls (approvals) and config reload.
+
+
+class ApprovalRequested(_Event):
+    """A call is held for a human (policy action "approve")."""
+
+    kind: Literal["approval.requested"] = "approval.requested"
+    approval_id: str
+    call_id: str | None = None
+    server: str
+    tool: str
+    grant: str
+    agent: str
+    session: str | None = None
+    arguments: dict[str, Any] | None = Field(None, description="tool arguments after redaction")
+    args_sha256: str
+    rule: str = Field(description="JSON Pointer of the rule that asked for approval")
+    timeout_s: float
+    expires_ts: int = Field(description="UTC ms when it times out")
+    remember_s: int = Field(0, description="0: once; else how long an approval covers the same call")
+
+
+class ApprovalResolved(_Event):
+    """How a held call ended: approved / denied (who, when, comment), timed out, cancelled."""
+
+    kind: Literal["approval.resolved"] = "approval.resolved"
+    approval_id: str
+    call_id: str | None = None
+    server: str
+    tool: str
+    grant: str
+    agent: str
+    outcome: Literal["approved", "denied", "timed_out", "cancelled"]
+    by: str | None = Field(None, description="who approved or denied (None: timeout, cancel)")
+    comment: str | None = None
+    resolved_ts: int = Field(description="UTC ms of the resolution")
+    waited_ms: int = 0
+    remembered_until_ts: int | None = Field(None, description="approved with remember: until then (UTC ms)")
+
+
+class ConfigLoaded(_Event):
+    """The config file was (re)loaded: what changed, what applied live, what needs a restart."""
+
+    kind: Literal["config.loaded"] = "config.loaded"
+    path: str
+    config_sha256: str | None = None
+    ok: bool = True
+    error: str | None = None
+    applied: list[str] = Field(default_factory=list, description="changes applied from the next call")
+    restart_needed: list[str] = Field(default_factory=list, description="changes ignored until a restart")
+
+
+@builds(ApprovalRequested)
+def approval_requested(
+    *,
+    gateway: str,
+    approval_id: str,
+    call_id: str | None,
+    server: str,
+    tool: str,
+    grant: str,
+    agent: str,
+    session: str | None,
+    arguments: dict[str, Any] | None,
+    args_sha256: str,
+    rule: str,
+    timeout_s: float,
+    expires_ts: int,
+    remember_s: int,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "approval.requested",
+        "approval_id": approval_id,
+        "call_id": call_id,
+        "server": server,
+        "tool": tool,
+        "grant": grant,
+        "agent": agent,
+        "session": session,
+        "arguments": arguments,
+        "args_sha256": args_sha256,
+        "rule": rule,
+        "timeout_s": timeout_s,
+        "expires_ts": expires_ts,
+        "remember_s": remember_s,
+    }
+
+
+@builds(ApprovalResolved)
+def approval_resolved(
+    *,
+    gateway: str,
+    approval_id: str,
+    call_id: str | None,
+    server: str,
+    tool: str,
+    grant: str,
+    agent: str,
+    outcome: str,
+    by: str | None,
+    comment: str | None,
+    resolved_ts: int,
+    waited_ms: int,
+    remembered_until_ts: int | None,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "approval.resolved",
+        "approval_id": approval_id,
+        "call_id": call_id,
+        "server": server,
+        "tool": tool,
+        "grant": grant,
+        "agent": agent,
+        "outcome": outcome,
+        "by": by,
+        "comment": comment,
+        "resolved_ts": resolved_ts,
+        "waited_ms": waited_ms,
+        "remembered_until_ts": remembered_until_ts,
+    }
+
+
+@builds(ConfigLoaded)
+def config_loaded(
+    *,
+    gateway: str,
+    path: str,
+    config_sha256: str | None,
+    ok: bool,
+    error: str | None,
+    applied: list[str],
+    restart_needed: list[str],
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": uuid7(),
+        "ts": now_ms(),
+        "gateway": gateway,
+        "kind": "config.loaded",
+        "path": path,
+        "config_sha256": config_sha256,
+        "ok": ok,
+        "error": error,
+        "applied": applied,
+        "restart_needed": restart_needed,
+    }
+
+
 Event = Annotated[
     CallDecided
     | CallCompleted
@@ -745,14 +906,18 @@ Event = Annotated[
     | AdminReload
     | AlertFired
     | AlertDelivered
-    | AlertFailed,
+    | AlertFailed
+    | ApprovalRequested
+    | ApprovalResolved
+    | ConfigLoaded,
     Field(discriminator="kind"),
 ]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 CALL_KINDS = ("call.decided", "call.completed", "session.opened", "session.closed", "policy.loaded")
+APPROVAL_KINDS = ("approval.requested", "approval.resolved", "config.loaded")
 SECURITY_KINDS = ("auth.failed", "admin.query", "admin.reload")
 ALERT_KINDS = ("alert.fired", "alert.delivered", "alert.failed")
-EVENT_KINDS = CALL_KINDS + SECURITY_KINDS + ALERT_KINDS
+EVENT_KINDS = CALL_KINDS + SECURITY_KINDS + ALERT_KINDS + APPROVAL_KINDS
 
 
 def encode(event: _Event) -> bytes:
@@ -844,59 +1009,3 @@ REFUNDED_MARKER = b'"' + _field(CallCompleted, "refunded").encode() + b'":true'
 ALLOW_MARKER = marker(
     _field(CallDecided, "decision"), "allow"
 )  # an allowed call: the one that charges counters
-
-
-# --------------------------------------------------------------------------- policy depth
-# (issue 15) approvals and config reload. To be added to the `Event` union above on merge.
-
-
-class ApprovalRequested(_Event):
-    """A call is held for a human (policy action "approve")."""
-
-    kind: Literal["approval.requested"] = "approval.requested"
-    approval_id: str
-    call_id: str | None = None
-    server: str
-    tool: str
-    grant: str
-    agent: str
-    session: str | None = None
-    arguments: dict[str, Any] | None = Field(None, description="tool arguments after redaction")
-    args_sha256: str
-    rule: str = Field(description="JSON Pointer of the rule that asked for approval")
-    timeout_s: float
-    expires_ts: int = Field(description="UTC ms when it times out")
-    remember_s: int = Field(0, description="0: once; else how long an approval covers the same call")
-
-
-class ApprovalResolved(_Event):
-    """How a held call ended: approved / denied (who, when, comment), timed out, cancelled."""
-
-    kind: Literal["approval.resolved"] = "approval.resolved"
-    approval_id: str
-    call_id: str | None = None
-    server: str
-    tool: str
-    grant: str
-    agent: str
-    outcome: Literal["approved", "denied", "timed_out", "cancelled"]
-    by: str | None = Field(None, description="who approved or denied (None: timeout, cancel)")
-    comment: str | None = None
-    resolved_ts: int = Field(description="UTC ms of the resolution")
-    waited_ms: int = 0
-    remembered_until_ts: int | None = Field(None, description="approved with remember: until then (UTC ms)")
-
-
-class ConfigLoaded(_Event):
-    """The config file was (re)loaded: what changed, what applied live, what needs a restart."""
-
-    kind: Literal["config.loaded"] = "config.loaded"
-    path: str
-    config_sha256: str | None = None
-    ok: bool = True
-    error: str | None = None
-    applied: list[str] = Field(default_factory=list, description="changes applied from the next call")
-    restart_needed: list[str] = Field(default_factory=list, description="changes ignored until a restart")
-
-
-POLICY_DEPTH_EVENTS = (ApprovalRequested, ApprovalResolved, ConfigLoaded)

@@ -34,6 +34,7 @@ SCHEMA_FILES = (
     "005_alerts.sql",
     "006_outcomes_shutdown.sql",
     "007_calls_policy_depth.sql",
+    "008_approvals.sql",
 )
 
 Rows = list[tuple[Any, ...]]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gateway.mcp.flow import CallFlow
     from gateway.mcp.sessions import Session
+    from gateway.policy.approvals import PendingApproval, Resolution
 
 
 @dataclass(slots=True)
@@ -56,6 +57,22 @@ class Addon:
     def admin_request(self, request: AdminRequest) -> None:
         """An admin API request was answered (or refused)."""
 
+    def approval_requested(self, request: PendingApproval) -> None:
+        """A call is held for a human (its arguments already redacted)."""
+
+    def approval_resolved(self, resolution: Resolution) -> None:
+        """A held call was approved, denied, timed out or cancelled."""
+
+    def config_loaded(
+        self,
+        path: str,
+        sha256: str | None,
+        error: str | None,
+        applied: list[str],
+        restart_needed: list[str],
+    ) -> None:
+        """The config file was (re)loaded (error: it was not, the old config stays)."""
+
 
 class AddonChain(Addon):
     def __init__(self, addons: list[Addon] | None = None) -> None:
@@ -91,3 +108,22 @@ class AddonChain(Addon):
     def admin_request(self, request: AdminRequest) -> None:
         for a in self.addons:
             a.admin_request(request)
+
+    def approval_requested(self, request: PendingApproval) -> None:
+        for a in self.addons:
+            a.approval_requested(request)
+
+    def approval_resolved(self, resolution: Resolution) -> None:
+        for a in self.addons:
+            a.approval_resolved(resolution)
+
+    def config_loaded(
+        self,
+        path: str,
+        sha256: str | None,
+        error: str | None,
+        applied: list[str],
+        restart_needed: list[str],
+    ) -> None:
+        for a in self.addons:
+            a.config_loaded(path, sha256, error, applied, restart_needed)

@@ -34,6 +34,7 @@ from schemas import events as E
 if TYPE_CHECKING:
     from gateway.mcp.flow import CallFlow
     from gateway.mcp.sessions import Session
+    from gateway.policy.approvals import PendingApproval, Resolution
     from gateway.policy.live import PolicySet
 
 log = logging.getLogger("ledgergate.audit")
@@ -282,6 +283,70 @@ class AuditAddon(Addon):
             error=error,
         )
         self._queue(ev)
+
+    # ---- held calls and config reloads ---------------------------------------------------
+
+    def approval_requested(self, request: PendingApproval) -> None:
+        r = request
+        self._queue(
+            E.approval_requested(
+                gateway=self.instance,
+                approval_id=r.id,
+                call_id=r.call_id,
+                server=r.server,
+                tool=r.tool,
+                grant=r.grant,
+                agent=r.agent,
+                session=r.session,
+                arguments=None if r.arguments is None else dict(r.arguments),
+                args_sha256=r.args_sha256,
+                rule=r.rule,
+                timeout_s=float(r.expires_at - r.requested_at),
+                expires_ts=int(r.expires_at * 1000),
+                remember_s=r.remember_s,
+            )
+        )
+
+    def approval_resolved(self, resolution: Resolution) -> None:
+        res = resolution
+        r = res.request
+        self._queue(
+            E.approval_resolved(
+                gateway=self.instance,
+                approval_id=res.id,
+                call_id=r.call_id,
+                server=r.server,
+                tool=r.tool,
+                grant=r.grant,
+                agent=r.agent,
+                outcome=res.outcome,
+                by=None if res.by is None else _text(res.by),
+                comment=None if res.comment is None else _text(res.comment[:MAX_MESSAGE_CHARS]),
+                resolved_ts=int(res.at * 1000),
+                waited_ms=int(res.waited_s * 1000),
+                remembered_until_ts=None if res.remembered_until is None else int(res.remembered_until * 1e3),
+            )
+        )
+
+    def config_loaded(
+        self,
+        path: str,
+        sha256: str | None,
+        error: str | None,
+        applied: list[str],
+        restart_needed: list[str],
+    ) -> None:
+        self._queue(
+            E.config_loaded(
+                gateway=self.instance,
+                path=path,
+                config_sha256=sha256,
+                ok=error is None,
+                error=None if error is None else _text(error[:MAX_MESSAGE_CHARS]),
+                applied=list(applied),
+                restart_needed=list(restart_needed),
+            )
+        )
 
     # ---- security events -------------------------------------------------------------------
 

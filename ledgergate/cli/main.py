@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError
+from ledgergate.cli import approvals as cli_approvals
 from ledgergate.cli import audit as cli_audit
 from ledgergate.cli import live as cli_live
 from ledgergate.cli import policy as cli_policy
+from ledgergate.cli import tools as cli_tools
 from schemas.policy import PolicyError, load_policy
 
 log = logging.getLogger("ledgergate")
@@ -208,12 +210,6 @@ def _check_alerts(cfg: Config, err: Any, found: Findings) -> None:
                 err(f"alerts.sinks[{i}].url", problem)
         if spec.secret_env and not os.environ.get(spec.secret_env):
             err(f"alerts.sinks[{i}].secret_env", f"the environment variable {spec.secret_env} is not set")
-    for i, rule in enumerate(alerts.rules):
-        if rule.on == "approval_pending":
-            found.notes.append(
-                f"alerts.rules[{i}] ({rule.name}): on = approval_pending is valid, but approvals do not "
-                "exist yet (no pending_approval decisions): it never fires"
-            )
     if alerts.rules:
         sinks = ", ".join(s.key for s in alerts.sinks) or "none: alert.fired events on the log only"
         found.notes.append(f"alerts: {len(alerts.rules)} rule(s), sinks: {sinks}")
@@ -361,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     cli_audit.add_commands(sub)
     cli_live.add_commands(sub)
     cli_policy.add_commands(sub)
+    cli_approvals.add_commands(sub)
+    cli_tools.add_commands(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

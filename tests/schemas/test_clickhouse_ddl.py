@@ -34,6 +34,7 @@ ROUTES: dict[str, frozenset[str]] = {
     AuditConsumer.table: AuditConsumer._calls,
     AuditConsumer.security_table: AuditConsumer._security,
     AuditConsumer.alerts_table: AuditConsumer._alerts,
+    AuditConsumer.approvals_table: AuditConsumer._approvals,
     CountersConsumer.table: frozenset(CountersConsumer.kinds),
 }
 # inboxes that deliberately keep only some fields (everything else stores every field)
