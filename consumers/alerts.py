@@ -664,10 +664,11 @@ def build_alerts(
     cfg: Any, eventlog: EventLog, *, clock: Callable[[], float] = time.time, instance: str = ""
 ) -> AlertsConsumer | None:
     """The alerts consumer of a config (None without rules: no rules, no alerts).
-    ValueError when a sink cannot be built (a missing secret_env variable, kafka without Kafka)."""
+    ValueError when a sink cannot be built (a missing secret_env variable, a kafka sink that
+    knows no broker)."""
     if not cfg.alerts.rules:
         return None
-    sinks = [(spec, build_sink(spec, cfg.eventlog.backend)) for spec in cfg.alerts.sinks]
+    sinks = [(spec, build_sink(spec, cfg.eventlog)) for spec in cfg.alerts.sinks]
     if not sinks:
         log.warning("alerts: rules but no [[alerts.sinks]]: alerts go to the log (alert.fired) only")
     return AlertsConsumer(

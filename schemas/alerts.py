@@ -14,6 +14,11 @@ type = "webhook"               # webhook | stdout | kafka
 url = "https://hooks.example/ledgergate"
 secret_env = "LEDGERGATE_ALERT_SECRET"
 format = "json"                # json | slack
+
+[[alerts.sinks]]
+type = "kafka"
+topic = "ledgergate.alerts"    # created if missing
+bootstrap = "kafka-1:9092"     # default: [eventlog] bootstrap
 ```
 
 Without rules there are no alerts. Durations are ``<number><unit>`` with unit s, m, h or d.
@@ -39,6 +44,8 @@ ON_DECISIONS: dict[str, frozenset[str]] = {
     "approval_pending": frozenset(),
 }
 
+# Kafka's own rule for topic names (legal characters, at most 249 of them)
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -102,11 +109,19 @@ class AlertSink(_Model):
     url: str | None = None
     secret_env: str | None = Field(None, description="env var holding the HMAC-SHA256 key (webhook)")
     format: Literal["json", "slack"] = "json"
-    topic: str = "ledgergate.alerts"
-    timeout_s: float = Field(5.0, gt=0, description="webhook: one POST, connect to last byte")
-    max_attempts: int = Field(12, ge=1, description="webhook: tries per alert before alert.failed")
-    retry_initial_s: float = Field(0.5, gt=0, description="webhook: first backoff (doubles, with jitter)")
-    retry_max_s: float = Field(60.0, gt=0, description="webhook: longest backoff")
+    topic: str = Field("ledgergate.alerts", description="kafka: the topic (created if missing)")
+    bootstrap: str | None = Field(
+        None, description="kafka: HOST:PORT[,HOST:PORT...] (default: [eventlog] bootstrap)"
+    )
+    replication: int = Field(1, ge=1, description="kafka: replication factor if ledgergate creates the topic")
+    timeout_s: float = Field(
+        5.0, gt=0, description="webhook: one POST, connect to last byte; kafka: one send until acked"
+    )
+    max_attempts: int = Field(12, ge=1, description="webhook, kafka: tries per alert before alert.failed")
+    retry_initial_s: float = Field(
+        0.5, gt=0, description="webhook, kafka: first backoff (doubles, with jitter)"
+    )
+    retry_max_s: float = Field(60.0, gt=0, description="webhook, kafka: longest backoff")
     queue_size: int = Field(1000, ge=1, description="alerts waiting for this sink; beyond, the oldest fails")
 
     @model_validator(mode="after")
@@ -120,6 +135,19 @@ class AlertSink(_Model):
             raise ValueError(f"url is for webhook sinks, not {self.type}")
         if self.secret_env is not None and self.type != "webhook":
             raise ValueError("secret_env is for webhook sinks")
+        if self.type == "kafka":
+            if self.format != "json":
+                raise ValueError('a kafka sink sends the alert document as JSON: format = "json" only')
+            if not _TOPIC.match(self.topic):
+                raise ValueError(f"topic {self.topic!r} is not a Kafka topic name ([A-Za-z0-9._-], 1-249)")
+            if self.bootstrap is not None and not self.bootstrap.strip():
+                raise ValueError("bootstrap needs HOST:PORT of at least one Kafka broker")
+        else:
+            if self.bootstrap is not None:
+                raise ValueError(f"bootstrap is for kafka sinks, not {self.type}")
+            for name in ("topic", "replication"):
+                if name in self.model_fields_set:
+                    raise ValueError(f"{name} is for kafka sinks, not {self.type}")
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be >= retry_initial_s")
         return self

@@ -186,7 +186,7 @@ def _check(cfg_path: str, *, probe_listen: bool = False) -> tuple[Config | None,
             found.problems.append(
                 str(ConfigError(src, "gateway.listen", problem, _env_var("gateway.listen")))
             )
-    _check_alerts(cfg, err, found)
+    _check_alerts(cfg, err, found, src)
     for name, grant in cfg.grants.items():
         if grant.key is not None:
             found.notes.append(
@@ -195,15 +195,31 @@ def _check(cfg_path: str, *, probe_listen: bool = False) -> tuple[Config | None,
     return cfg, found
 
 
-def _check_alerts(cfg: Config, err: Any, found: Findings) -> None:
+def _check_alerts(cfg: Config, err: Any, found: Findings, src: Path) -> None:
     """[[alerts.rules]] / [[alerts.sinks]] beyond their schema: sinks that cannot run here."""
-    from consumers.alert_sinks import sink_problem
+    from consumers.alert_sinks import kafka_bootstrap, sink_problem
 
     alerts = cfg.alerts
+    probed = {cfg.eventlog.bootstrap} if cfg.eventlog.backend == "kafka" else set()  # checked above
     for i, spec in enumerate(alerts.sinks):
-        problem = sink_problem(spec, cfg.eventlog.backend)
+        problem = sink_problem(spec, cfg.eventlog)
         if problem:
-            err(f"alerts.sinks[{i}].type", problem)
+            err(f"alerts.sinks[{i}].{'bootstrap' if spec.type == 'kafka' else 'type'}", problem)
+        elif spec.type == "kafka":
+            bootstrap = kafka_bootstrap(spec, cfg.eventlog)
+            assert bootstrap is not None
+            whence = "its bootstrap" if spec.bootstrap else "[eventlog] bootstrap"
+            found.notes.append(
+                f"alerts.sinks[{i}] ({spec.key}): topic {spec.topic} on {bootstrap} ({whence})"
+            )
+            problem = None if bootstrap in probed else _kafka_problem(bootstrap)
+            probed.add(bootstrap)
+            if problem:  # not an error for run: alerts wait in the sink's queue, retried
+                problem = problem.replace(
+                    "(run could not create or reach the topic)",
+                    "(run starts, but alerts wait in this sink's queue, retried, until one does)",
+                )
+                found.problems.append(str(ConfigError(src, f"alerts.sinks[{i}].bootstrap", problem)))
         if spec.url is not None:
             problem = _url_problem(spec.url)
             if problem:
