@@ -14,7 +14,7 @@ from tests.support.gateway import SEED_POLICY, write_config
 from tests.support.hostile import recording_stdio_server
 from tests.support.upstreams import StdioCommand
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 RISKY = {
     "version": "1",
     "default": "allow",

@@ -34,7 +34,7 @@ POLICY = {
         "pid": {"action": "approve", "approval": {"timeout": "30s", "remember": "1h"}},
     },
 }
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
