@@ -283,15 +283,24 @@ class LaggedAnswer(tuple):
 async def lag_behind(eventlog: EventLog, consumers: list[str], now_ms: int) -> Lag | None:
     """The lag of the slowest of ``consumers`` (their committed offsets) behind the log end,
     None when they are all caught up. Seconds come from the oldest unfolded event's ``ts``."""
-    end = await eventlog.end_offset()
-    at = min([await eventlog.committed(name) for name in consumers] or [end])
-    if at >= end:
+    end = await eventlog.end_position()
+    behind = 0
+    starts: list[tuple[int, int]] = []  # (partition, first unfolded offset) of the slowest
+    for name in consumers:
+        at = await eventlog.committed_position(name)
+        n = sum(max(0, o - at.get(p, 0)) for p, o in end.items())
+        if n > behind:
+            behind = n
+            starts = [(p, at.get(p, 0)) for p, o in end.items() if at.get(p, 0) < o]
+    if behind <= 0:
         return None
-    seconds = 0.0
-    first = await eventlog.read(at, 1)
-    if first:
-        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
-            ts = orjson.loads(first[0].payload).get("ts")
-            if isinstance(ts, int):
-                seconds = max(0.0, (now_ms - ts) / 1000)
-    return Lag(end - at, seconds)
+    oldest: int | None = None
+    for partition, offset in starts:
+        first = await eventlog.read_partition(partition, offset, 1)
+        if first:
+            with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+                ts = orjson.loads(first[0].payload).get("ts")
+                if isinstance(ts, int) and (oldest is None or ts < oldest):
+                    oldest = ts
+    seconds = max(0.0, (now_ms - oldest) / 1000) if oldest is not None else 0.0
+    return Lag(behind, seconds)

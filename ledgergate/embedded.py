@@ -30,7 +30,7 @@ from gateway.app import POLICIES_KEY, PROXY_KEY, build_app
 from gateway.audit.writer import AuditAddon, instance_id
 from gateway.config import Config, stdio_command_problem
 from gateway.edge import HttpServer
-from gateway.policy.rebuild import longest_window_s, rebuild_limiters
+from gateway.policy.rebuild import ReplicaFold, longest_window_s, rebuild_limiters_to
 
 log = logging.getLogger("ledgergate")
 
@@ -70,8 +70,11 @@ class Embedded:
             if lock is not None:
                 lock.close()
             raise
+        user, password = cfg.store.credentials()
         try:
-            store = await open_store(cfg.store.clickhouse, data_dir, query_limits(cfg))
+            store = await open_store(
+                cfg.store.clickhouse, data_dir, query_limits(cfg), user=user, password=password
+            )
         except BaseException:
             await eventlog.close()
             if lock is not None:
@@ -80,7 +83,8 @@ class Embedded:
         self = cls(cfg, eventlog, store)
         self._lock = lock
         try:
-            await self.repair_offsets()
+            if self.folds_here:
+                await self.repair_offsets()
         except BaseException:
             await self.close()
             raise
@@ -97,25 +101,36 @@ class Embedded:
         what `replay --from` past the end used to do). Reset such a consumer to 0: it folds the
         whole log again and the idempotent writes drop what the tables already hold.
         Returns the names of the consumers repaired."""
-        end = await self.log.end_offset()
+        end = await self.log.end_position()
         repaired = []
         for consumer in (self.audit, self.counters):
-            at = await self.log.committed(consumer.name)
-            if at > end:
+            at = await self.log.committed_position(consumer.name)
+            past = {p: o for p, o in at.items() if o > end.get(p, 0)}
+            if past:
                 log.warning(
-                    "consumer %s: committed offset %d is past the end of the event log (%d records), so "
+                    "consumer %s: committed position %s is past the end of the event log (%s), so "
                     "new events would never reach its tables; reset to 0 (the log is folded again, "
                     "duplicates are dropped)",
                     consumer.name,
-                    at,
-                    end,
+                    past,
+                    {p: end.get(p, 0) for p in past},
                 )
-                await self.log.commit(consumer.name, 0)
+                await self.log.commit_position(consumer.name, dict.fromkeys(past, 0))
                 repaired.append(consumer.name)
         return repaired
 
+    @property
+    def folds_here(self) -> bool:
+        """Whether this process may fold the log into the store itself. Not when consumer
+        processes (`ledgergate consume`) own that: committing their group's offsets from here
+        would move them under the group's feet."""
+        return self.cfg.eventlog.consumers_in_gateway
+
     async def sync(self) -> None:
-        """Every event appended so far is in the ClickHouse tables."""
+        """Every event appended so far is in the ClickHouse tables (when this process folds;
+        else nothing to do: answers say how far the consumer processes are behind)."""
+        if not self.folds_here and not self._tasks:
+            return
         await self.log.flush()
         end = await self.log.end_position()
         if self._tasks:
@@ -280,6 +295,29 @@ def data_dir_holder(data_dir: Path) -> int | None:
     return pid
 
 
+def replicas_handler(replicas: ReplicaFold, admin_token: str) -> Callable[[Any], Awaitable[Any]]:
+    """GET /admin/replicas (admin token): what this gateway folded of the other replicas'
+    calls and the largest lag seen (README "Scale out")."""
+    import hmac
+
+    import orjson
+    from aiohttp.web import Response
+
+    expected = f"Bearer {admin_token}".encode()
+
+    async def handler(req: Any) -> Response:
+        given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):
+            return Response(
+                status=401,
+                body=b'{"error":"unauthorized","message":"missing or wrong admin token"}',
+                content_type="application/json",
+            )
+        return Response(body=orjson.dumps(replicas.stats()), content_type="application/json")
+
+    return handler
+
+
 async def serve(
     cfg: Config,
     *,
@@ -302,7 +340,7 @@ async def serve(
                 name,
             )
     try:
-        embedded = await Embedded.open(cfg, run_consumers=True)
+        embedded = await Embedded.open(cfg, run_consumers=cfg.eventlog.consumers_in_gateway)
     except DataDirBusy as exc:
         raise StartupError(str(exc)) from exc
     except Exception as exc:
@@ -314,6 +352,7 @@ async def serve(
         auth_failure_interval_s=cfg.gateway.auth_failure_interval_s,
         auth_failure_max_keys=cfg.gateway.auth_failure_max_keys,
     )
+    replicas: ReplicaFold | None = None
     try:
         app = build_app(
             cfg, addons=[addon], clock=clock, admin=embedded.answer if cfg.gateway.admin_token else None
@@ -321,12 +360,18 @@ async def serve(
         addon.policies = app[POLICIES_KEY]
         proxy = app[PROXY_KEY]
         t0 = time.perf_counter()
-        folded = await rebuild_limiters(
+        folded, end = await rebuild_limiters_to(
             embedded.log, proxy.limiters, longest_window_s(app[POLICIES_KEY]), clock()
         )
         log.info(
             "rate-limit counters rebuilt from the log: %d charges in %.3f s", folded, time.perf_counter() - t0
         )
+        if cfg.eventlog.backend == "kafka":
+            # replicas on one topic share limits: fold the others' calls as they arrive
+            replicas = ReplicaFold(embedded.log, proxy.limiters, addon.instance, clock)
+            replicas.start(end)
+            if cfg.gateway.admin_token:
+                app.add_get("/admin/replicas", replicas_handler(replicas, cfg.gateway.admin_token))
         server = HttpServer(app, cfg.gateway.host, cfg.gateway.port)
         try:
             await server.start()
@@ -339,12 +384,13 @@ async def serve(
                 with contextlib.suppress(RuntimeError):  # a loop outside the main thread
                     loop.add_signal_handler(sig, stop.set)
         log.info(
-            "ready on http://%s:%d (event log %s, durability %s, store %s)",
+            "ready on http://%s:%d (event log %s, durability %s, store %s, consumers %s)",
             cfg.gateway.host,
             cfg.gateway.port,
             cfg.data_dir / "events.db" if cfg.eventlog.backend == "embedded" else embedded.log,
             cfg.eventlog.durability,
             cfg.store.clickhouse,
+            "in this process" if embedded._tasks else "none here (ledgergate consume)",
         )
         if ready is not None:
             r = ready(f"http://{cfg.gateway.host}:{cfg.gateway.port}")
@@ -354,6 +400,8 @@ async def serve(
         log.info("stopping")
         await server.close()
     finally:
+        if replicas is not None:
+            await replicas.close()
         with contextlib.suppress(Exception):
             await addon.close()
         await embedded.close()

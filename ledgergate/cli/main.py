@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gateway.config import Config, ConfigError
 from ledgergate.cli import audit as cli_audit
+from ledgergate.cli import consume as cli_consume
 from schemas.policy import PolicyError, load_policy
 
 log = logging.getLogger("ledgergate")
@@ -302,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", "-c", dest="config_opt", metavar="CONFIG", help="the config file")
     p.set_defaults(fn=cmd_check)
     cli_audit.add_commands(sub)
+    cli_consume.add_commands(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
