@@ -640,11 +640,15 @@ class KafkaEventLog(EventLog):
         async for batch in self.read_position(start, limit=limit):
             yield batch
 
-    async def tail_position(self, position: Position, batch: int = 10_000) -> AsyncIterator[list[Record]]:
+    async def tail_position(
+        self, position: Position, batch: int = 10_000, *, max_wait_ms: int | None = None
+    ) -> AsyncIterator[list[Record]]:
         """Endless batches from `position` (one consumer of its own, long-poll fetches: it wakes
-        when records arrive). Ends when the log closes."""
+        when records arrive, or after ``max_wait_ms``, default 500). Ends when the log closes."""
         tps = await self._topic_partitions()
-        c = self._consumer(auto_offset_reset="earliest", max_poll_records=batch)
+        c = self._consumer(
+            auto_offset_reset="earliest", max_poll_records=batch, fetch_max_wait_ms=max_wait_ms or 500
+        )
         try:
             await c.start()
         except (KafkaError, OSError) as exc:

@@ -139,6 +139,7 @@ class ReplicaFold:
     minus the event's `ts` (both wall clock ms; replicas on one host share the clock)."""
 
     DEDUPE = 200_000  # event ids remembered to drop at-least-once duplicates
+    max_wait_ms = 20  # the tail's fetch wait: a fetch may hold new records back this long
 
     def __init__(
         self,
@@ -164,7 +165,8 @@ class ReplicaFold:
         delay = 0.1
         while True:
             try:
-                async for batch in self.log.tail_position(position, 10_000):
+                # a short fetch wait: what the broker holds back is overshoot across replicas
+                async for batch in self.log.tail_position(position, 10_000, max_wait_ms=self.max_wait_ms):
                     self.fold(batch)
                     for r in batch:
                         position[r.partition] = r.offset + 1

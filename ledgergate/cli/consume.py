@@ -198,7 +198,14 @@ async def consume(
             lambda: open_store(spec, cfg.data_dir, query_limits(cfg), user=user, password=password),
             stop,
         )
-        if store is None or await _retry(f"consume {kind}: Kafka {bootstrap}", reader.open, stop) is None:
+        if store is None:
+            return
+
+        async def join() -> bool:
+            await reader.open()
+            return True
+
+        if not await _retry(f"consume {kind}: Kafka {bootstrap}", join, stop):
             return
         consumer = cls(reader, store, kind, batch=batch)
         consumer.linger_s = linger_s
