@@ -107,13 +107,18 @@ class Embedded:
             at = await self.log.committed_position(consumer.name)
             past = {p: o for p, o in at.items() if o > end.get(p, 0)}
             if past:
+                if list(end) == [0]:  # one partition: offsets and records, as users know them
+                    where = f"committed offset {past[0]} is past the end of the event log ({end[0]} records)"
+                else:
+                    where = (
+                        f"committed position {past} is past the end of the event log "
+                        f"({ {p: end.get(p, 0) for p in past} })"
+                    )
                 log.warning(
-                    "consumer %s: committed position %s is past the end of the event log (%s), so "
-                    "new events would never reach its tables; reset to 0 (the log is folded again, "
-                    "duplicates are dropped)",
+                    "consumer %s: %s, so new events would never reach its tables; reset to 0 (the log "
+                    "is folded again, duplicates are dropped)",
                     consumer.name,
-                    past,
-                    {p: end.get(p, 0) for p in past},
+                    where,
                 )
                 await self.log.commit_position(consumer.name, dict.fromkeys(past, 0))
                 repaired.append(consumer.name)
