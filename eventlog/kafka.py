@@ -49,7 +49,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     ConsumerStoppedError,
@@ -61,7 +61,7 @@ from aiokafka.errors import (
 from eventlog.base import Durability, EventLog, LogUnavailable, Position, Record
 from eventlog.sqlite import SqliteEventLog
 
-__all__ = ["KafkaEventLog", "grant_key"]
+__all__ = ["KafkaEventLog", "KafkaGroupReader", "grant_key"]
 
 log = logging.getLogger(__name__)
 
@@ -640,11 +640,15 @@ class KafkaEventLog(EventLog):
         async for batch in self.read_position(start, limit=limit):
             yield batch
 
-    async def tail_position(self, position: Position, batch: int = 10_000) -> AsyncIterator[list[Record]]:
+    async def tail_position(
+        self, position: Position, batch: int = 10_000, *, max_wait_ms: int | None = None
+    ) -> AsyncIterator[list[Record]]:
         """Endless batches from `position` (one consumer of its own, long-poll fetches: it wakes
-        when records arrive). Ends when the log closes."""
+        when records arrive, or after ``max_wait_ms``, default 500). Ends when the log closes."""
         tps = await self._topic_partitions()
-        c = self._consumer(auto_offset_reset="earliest", max_poll_records=batch)
+        c = self._consumer(
+            auto_offset_reset="earliest", max_poll_records=batch, fetch_max_wait_ms=max_wait_ms or 500
+        )
         try:
             await c.start()
         except (KafkaError, OSError) as exc:
@@ -734,3 +738,229 @@ class KafkaEventLog(EventLog):
         await self._single()
         async for records in self.tail_position({0: offset}, batch):
             yield records
+
+
+# ---- group mode: consumer processes -------------------------------------------------------
+
+
+class KafkaGroupReader:
+    """One member of the Kafka consumer group ``group_prefix + name`` reading ``topic``: what a
+    `ledgergate consume` process hands to `consumers.runner.LogConsumer` in place of the log.
+
+    The group, not this process, owns the start positions: partitions are assigned by group
+    membership (several processes of one group share the partitions; a process that dies or
+    leaves has its partitions moved to the others) and each resumes from the group's
+    committed offset. Manual commit only: the runner commits a batch after its write
+    succeeded (at-least-once; the writes are idempotent).
+
+    The methods the runner uses: ``committed_position`` (empty: the group knows),
+    ``tail_position`` (batches of the assigned partitions; after a failed batch the next
+    call rewinds the assigned partitions to their committed offsets, so the batch is
+    written again), ``commit_position``. On a rebalance, ``on_partitions_revoked`` waits
+    for the batch in hand to be written and committed (the runner's batch boundary, at
+    most ``revoke_timeout_s``; past it the batch is abandoned and the next owner writes it
+    again), so a partition moves with its committed offset.
+
+    Lag is from each partition's *highwater* as the last fetch response gave it (never
+    end_offsets / ListOffsets for the end, which tansu answers wrongly): ``lag()``.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str = "ledgergate.decisions",
+        name: str = "audit",
+        *,
+        group_prefix: str = "ledgergate.",
+        client_id: str = "ledgergate-consumer",
+        partitions: int = 6,
+        replication: int = 1,
+        request_timeout_ms: int = 10_000,
+        session_timeout_ms: int = 10_000,
+        heartbeat_interval_ms: int = 1_000,
+        revoke_timeout_s: float = 30.0,
+        max_poll_interval_ms: int = 300_000,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.name = name
+        self.group = group_prefix + name
+        self.client_id = client_id
+        self.revoke_timeout_s = revoke_timeout_s
+        # the topic is created with the gateway's settings if a consumer starts first
+        self._creator = KafkaEventLog(
+            bootstrap, topic, spool_path=Path("/dev/null"), partitions=partitions, replication=replication
+        )
+        self._consumer_kw: dict[str, Any] = {
+            "bootstrap_servers": bootstrap,
+            "client_id": client_id,
+            "group_id": self.group,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "request_timeout_ms": request_timeout_ms,
+            "session_timeout_ms": session_timeout_ms,
+            "heartbeat_interval_ms": heartbeat_interval_ms,
+            "max_poll_interval_ms": max_poll_interval_ms,
+        }
+        self._c: AIOKafkaConsumer | None = None
+        self._closed = False
+        self._rewind = False  # a tail is resumed after a failure: go back to the committed offsets
+        self._pending: Position = {}  # the batch in hand: partition -> offset after it
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.assigned: list[int] = []
+        self.committed_offsets: Position = {}
+        self.commits = 0
+        self.rebalances = 0
+
+    def __repr__(self) -> str:
+        return f"KafkaGroupReader({self.bootstrap!r}, topic={self.topic!r}, group={self.group!r})"
+
+    async def open(self) -> None:
+        try:
+            await self._creator._ensure_topic()
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise LogUnavailable(f"{self!r}: {exc}") from exc
+        c = AIOKafkaConsumer(**self._consumer_kw)
+        try:
+            await c.start()
+        except (KafkaError, OSError) as exc:
+            with contextlib.suppress(Exception):
+                await c.stop()
+            raise LogUnavailable(f"{self!r}: {exc}") from exc
+        c.subscribe([self.topic], listener=_GroupListener(self))
+        self._c = c
+
+    async def close(self) -> None:
+        """Leave the group (its partitions move to the other members at once)."""
+        self._closed = True
+        c, self._c = self._c, None
+        if c is not None:
+            with contextlib.suppress(Exception):
+                await c.stop()
+
+    # -- rebalance ----------------------------------------------------------------------------
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        self.rebalances += 1
+        if not self._idle.is_set():
+            try:
+                async with asyncio.timeout(self.revoke_timeout_s):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning(
+                    "%r: the batch in hand was not written within %.0f s of a rebalance; its partitions "
+                    "move uncommitted and the next owner writes it again",
+                    self,
+                    self.revoke_timeout_s,
+                )
+        self._pending = {}
+        self._idle.set()
+        gone = sorted(tp.partition for tp in revoked)
+        if gone:
+            log.info("%s: partitions %s revoked", self.group, gone)
+
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        self.assigned = sorted(tp.partition for tp in assigned)
+        c = self._c
+        if c is not None:
+            for tp in assigned:
+                with contextlib.suppress(KafkaError):
+                    self.committed_offsets[tp.partition] = (await c.committed(tp)) or 0
+        for p in list(self.committed_offsets):
+            if p not in self.assigned:
+                del self.committed_offsets[p]
+        log.info("%s: partitions %s assigned", self.group, self.assigned)
+
+    # -- what the runner uses -----------------------------------------------------------------
+
+    async def committed_position(self, consumer: str) -> Position:
+        return {}  # the group resumes each assigned partition from its committed offset
+
+    async def tail_position(self, position: Position, batch: int = 10_000) -> AsyncIterator[list[Record]]:
+        c = self._c
+        if c is None:
+            raise LogUnavailable(f"{self!r}: not open")
+        if self._rewind:
+            # the previous tail ended with a batch not written: fetch it again
+            try:
+                for tp in c.assignment():
+                    # (not seek_to_committed: it leaves a partition never committed where it is)
+                    c.seek(tp, (await c.committed(tp)) or 0)
+            except KafkaError as exc:
+                raise LogUnavailable(f"{self!r}: {exc}") from exc
+        self._rewind = True
+        self._pending = {}
+        self._idle.set()
+        try:
+            async for records in self._batches(c, batch):
+                yield records
+        finally:
+            # the runner left (a failed write, a stop): no batch in hand for a rebalance to wait for
+            self._pending = {}
+            self._idle.set()
+
+    async def _batches(self, c: AIOKafkaConsumer, batch: int) -> AsyncIterator[list[Record]]:
+        while not self._closed:
+            try:
+                res = await c.getmany(timeout_ms=1000, max_records=batch)
+            except ConsumerStoppedError:
+                return
+            except KafkaError as exc:
+                raise LogUnavailable(f"{self!r}: {exc}") from exc
+            if not res:
+                continue
+            records = [Record(m.offset, m.value, tp.partition) for tp, msgs in res.items() for m in msgs]
+            pending: Position = {}
+            for r in records:
+                pending[r.partition] = r.offset + 1
+            self._pending = pending
+            self._idle.clear()
+            yield records
+
+    async def commit_position(self, consumer: str, position: Position) -> None:
+        c = self._c
+        if c is None:
+            raise LogUnavailable(f"{self!r}: not open")
+        mine = {p for p in self.assigned}
+        offsets = {TopicPartition(self.topic, p): o for p, o in position.items() if p in mine}
+        try:
+            if offsets:
+                await c.commit(offsets)
+                self.commits += 1
+                for tp, o in offsets.items():
+                    self.committed_offsets[tp.partition] = o
+        except KafkaError as exc:
+            # the group moved the partitions meanwhile: their new owner writes the batch
+            # again from the last committed offset (idempotent writes), nothing is lost
+            log.warning("%r: commit of %s not accepted (%s); the new owner redoes it", self, position, exc)
+        finally:
+            for p in position:
+                if self._pending.get(p, -1) <= position[p]:
+                    self._pending.pop(p, None)
+            if not self._pending:
+                self._idle.set()
+
+    def lag(self) -> int:
+        """Records of the assigned partitions not yet committed: highwater - committed offset
+        (highwater from the last fetch response of each partition; 0 where none came yet)."""
+        c = self._c
+        if c is None:
+            return 0
+        total = 0
+        for p in self.assigned:
+            hw = c.highwater(TopicPartition(self.topic, p))
+            if hw is not None:
+                total += max(0, hw - self.committed_offsets.get(p, 0))
+        return total
+
+
+class _GroupListener(ConsumerRebalanceListener):
+    def __init__(self, reader: KafkaGroupReader) -> None:
+        self.reader = reader
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.reader._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.reader._assigned(set(assigned))

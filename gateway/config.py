@@ -190,6 +190,19 @@ class EventlogSection(_Section):
     spool_after_ms: float = Field(
         1000.0, gt=0, description="no broker ack within this: decisions go to the spool (data_dir/spool.db)"
     )
+    run_consumers: bool | None = Field(
+        None,
+        description="run the audit and counters consumers inside `ledgergate run` (default: yes with the "
+        "embedded log; no with kafka, where `ledgergate consume audit|counters|alerts` processes run them)",
+    )
+
+    @property
+    def consumers_in_gateway(self) -> bool:
+        """Whether this deployment folds the log into the store inside the gateway process
+        (and the CLI folds what is missing itself), or leaves it to `ledgergate consume`."""
+        if self.run_consumers is None:
+            return self.backend == "embedded"
+        return self.run_consumers
 
     def open_log_options(self) -> dict[str, object]:
         """Keyword arguments of eventlog.open_log for this section."""
@@ -206,6 +219,10 @@ class EventlogSection(_Section):
 
 class StoreSection(_Section):
     clickhouse: str = "embedded"
+    # a ClickHouse server's user and password (or CLICKHOUSE_USER / CLICKHOUSE_PASSWORD in the
+    # environment; a user:password@ in the URL wins); keep the password in the environment
+    user: str | None = None
+    password: str | None = None
     # limits on each forensic query (POST /admin/audit/sql, `ledgergate audit sql`)
     query_timeout_s: float = Field(30.0, gt=0, description="max_execution_time of a forensic query")
     query_max_rows: int = Field(100_000, gt=0, description="rows beyond are cut; the answer says so")
@@ -213,6 +230,14 @@ class StoreSection(_Section):
     query_max_memory: int = Field(1 << 30, gt=0, description="max_memory_usage of a forensic query")
     # the tables are checked against the log at start-up and then every this many seconds (0: start-up only)
     check_interval_s: float = Field(300.0, ge=0, description="projection check interval")
+
+    def credentials(self, environ: dict[str, str] | None = None) -> tuple[str | None, str | None]:
+        """(user, password) for a ClickHouse server: these keys (LEDGERGATE_STORE_USER /
+        LEDGERGATE_STORE_PASSWORD), else CLICKHOUSE_USER / CLICKHOUSE_PASSWORD."""
+        env = os.environ if environ is None else environ
+        user = self.user if self.user is not None else env.get("CLICKHOUSE_USER")
+        password = self.password if self.password is not None else env.get("CLICKHOUSE_PASSWORD")
+        return user, password
 
 
 class TelemetrySection(_Section):

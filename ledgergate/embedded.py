@@ -39,7 +39,7 @@ from gateway.audit.writer import AuditAddon, instance_id
 from gateway.config import Config, stdio_command_problem
 from gateway.edge import App, EdgeLimits, HttpServer, Request
 from gateway.policy.engine import CounterKey
-from gateway.policy.rebuild import longest_window_s, rebuild_limiters
+from gateway.policy.rebuild import ReplicaFold, longest_window_s, rebuild_limiters_to
 from schemas.events import LogGap, encode
 
 log = logging.getLogger("ledgergate")
@@ -88,8 +88,11 @@ class Embedded:
             if lock is not None:
                 lock.close()
             raise
+        user, password = cfg.store.credentials()
         try:
-            store = await open_store(cfg.store.clickhouse, data_dir, query_limits(cfg))
+            store = await open_store(
+                cfg.store.clickhouse, data_dir, query_limits(cfg), user=user, password=password
+            )
         except BaseException:
             await eventlog.close()
             if lock is not None:
@@ -98,8 +101,9 @@ class Embedded:
         self = cls(cfg, eventlog, store)
         self._lock = lock
         try:
-            if len(await eventlog.partitions()) == 1:  # offsets of one log (embedded); Kafka: positions
+            if len(await eventlog.partitions()) == 1:  # gap detection: offsets of one log (embedded)
                 self.gap = await self.find_log_gap()
+            if self.folds_here:
                 await self.repair_offsets()
         except BaseException:
             await self.close()
@@ -205,25 +209,41 @@ class Embedded:
         what `replay --from` past the end used to do). Reset such a consumer to 0: it folds the
         whole log again and the idempotent writes drop what the tables already hold.
         Returns the names of the consumers repaired."""
-        end = await self.log.end_offset()
+        end = await self.log.end_position()
         repaired = []
         for consumer in (self.audit, self.counters):
-            at = await self.log.committed(consumer.name)
-            if at > end:
+            at = await self.log.committed_position(consumer.name)
+            past = {p: o for p, o in at.items() if o > end.get(p, 0)}
+            if past:
+                if list(end) == [0]:  # one partition: offsets and records, as users know them
+                    where = f"committed offset {past[0]} is past the end of the event log ({end[0]} records)"
+                else:
+                    where = (
+                        f"committed position {past} is past the end of the event log "
+                        f"({ {p: end.get(p, 0) for p in past} })"
+                    )
                 log.warning(
-                    "consumer %s: committed offset %d is past the end of the event log (%d records), so "
-                    "new events would never reach its tables; reset to 0 (the log is folded again, "
-                    "duplicates are dropped)",
+                    "consumer %s: %s, so new events would never reach its tables; reset to 0 (the log "
+                    "is folded again, duplicates are dropped)",
                     consumer.name,
-                    at,
-                    end,
+                    where,
                 )
-                await self.log.commit(consumer.name, 0)
+                await self.log.commit_position(consumer.name, dict.fromkeys(past, 0))
                 repaired.append(consumer.name)
         return repaired
 
+    @property
+    def folds_here(self) -> bool:
+        """Whether this process may fold the log into the store itself. Not when consumer
+        processes (`ledgergate consume`) own that: committing their group's offsets from here
+        would move them under the group's feet."""
+        return self.cfg.eventlog.consumers_in_gateway
+
     async def sync(self) -> None:
-        """Every event appended so far is in the ClickHouse tables."""
+        """Every event appended so far is in the ClickHouse tables (when this process folds;
+        else nothing to do: answers say how far the consumer processes are behind)."""
+        if not self.folds_here and not self._tasks:
+            return
         await self.log.flush()
         end = await self.log.end_position()
         if self._tasks:
@@ -541,6 +561,29 @@ async def fold_store_counters(store: AuditStore, limiters: dict[str, Any], windo
     return added
 
 
+def replicas_handler(replicas: ReplicaFold, admin_token: str) -> Callable[[Any], Awaitable[Any]]:
+    """GET /admin/replicas (admin token): what this gateway folded of the other replicas'
+    calls and the largest lag seen (README "Scale out")."""
+    import hmac
+
+    import orjson
+    from aiohttp.web import Response
+
+    expected = f"Bearer {admin_token}".encode()
+
+    async def handler(req: Any) -> Response:
+        given = req.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):
+            return Response(
+                status=401,
+                body=b'{"error":"unauthorized","message":"missing or wrong admin token"}',
+                content_type="application/json",
+            )
+        return Response(body=orjson.dumps(replicas.stats()), content_type="application/json")
+
+    return handler
+
+
 async def serve(
     cfg: Config,
     *,
@@ -564,7 +607,7 @@ async def serve(
                 name,
             )
     try:
-        embedded = await Embedded.open(cfg, run_consumers=True)
+        embedded = await Embedded.open(cfg, run_consumers=cfg.eventlog.consumers_in_gateway)
     except DataDirBusy as exc:
         raise StartupError(str(exc)) from exc
     except Exception as exc:
@@ -603,6 +646,7 @@ async def serve(
         provider = provider_for(cfg.telemetry)
         hook = TracingAddon(addon, provider)
     metrics_server: HttpServer | None = None
+    replicas: ReplicaFold | None = None
     try:
         app = build_app(
             cfg,
@@ -621,7 +665,7 @@ async def serve(
         proxy = app[PROXY_KEY]
         start_live(cfg, embedded, app, addon, clock)
         t0 = time.perf_counter()
-        folded = await rebuild_limiters(
+        folded, end = await rebuild_limiters_to(
             embedded.log, proxy.limiters, longest_window_s(app[POLICIES_KEY]), proxy.clock()
         )
         log.info(
@@ -633,6 +677,12 @@ async def serve(
             )
             log.warning("log gap: %d counter charges folded from the store on top of the log's", from_store)
             await embedded.accept_log_gap(from_store)
+        if cfg.eventlog.backend == "kafka":
+            # replicas on one topic share limits: fold the others' calls as they arrive
+            replicas = ReplicaFold(embedded.log, proxy.limiters, addon.instance, proxy.clock)
+            replicas.start(end)
+            if cfg.gateway.admin_token:
+                app.add_get("/admin/replicas", replicas_handler(replicas, cfg.gateway.admin_token))
         server = HttpServer(app, cfg.gateway.host, cfg.gateway.port)
         try:
             await server.start()
@@ -661,12 +711,13 @@ async def serve(
                 with contextlib.suppress(RuntimeError):  # a loop outside the main thread
                     loop.add_signal_handler(sig, stop.set)
         log.info(
-            "ready on http://%s:%d (event log %s, durability %s, store %s)",
+            "ready on http://%s:%d (event log %s, durability %s, store %s, consumers %s)",
             cfg.gateway.host,
             cfg.gateway.port,
             cfg.data_dir / "events.db" if cfg.eventlog.backend == "embedded" else embedded.log,
             cfg.eventlog.durability,
             cfg.store.clickhouse,
+            "in this process" if embedded._tasks else "none here (ledgergate consume)",
         )
         if ready is not None:
             r = ready(f"http://{cfg.gateway.host}:{cfg.gateway.port}")
@@ -692,6 +743,8 @@ async def serve(
             hook.close()
             with contextlib.suppress(Exception):  # flushes the last spans: blocking HTTP, off the loop
                 await asyncio.to_thread(provider.shutdown)
+        if replicas is not None:
+            await replicas.close()
         with contextlib.suppress(Exception):
             await addon.close()
         await embedded.close()

@@ -1003,6 +1003,9 @@ COMPLETED_MARKER = kind_marker(CallCompleted.model_fields["kind"].default)
 # call_id precedes `arguments` in call.decided and the upstream-written error_message in
 # call.completed: its first occurrence is the event's own
 CALL_ID_MARKER = marker(_field(CallDecided, "call_id"))
+# gateway and ts precede every object-valued field of every kind (the base fields come first)
+GATEWAY_MARKER = marker(_field(_Event, "gateway"))
+TS_MARKER = b'"' + _field(_Event, "ts").encode() + b'":'
 # a call charged then never sent upstream (its quota given back): gateway-written, after the
 # only upstream-written string of call.completed, which cannot hold an unescaped quote
 REFUNDED_MARKER = b'"' + _field(CallCompleted, "refunded").encode() + b'":true'

@@ -25,12 +25,19 @@ __all__ = [
 ]
 
 
-async def open_store(spec: str, data_dir: Path | str, limits: QueryLimits | None = None) -> AuditStore:
+async def open_store(
+    spec: str,
+    data_dir: Path | str,
+    limits: QueryLimits | None = None,
+    *,
+    user: str | None = None,
+    password: str | None = None,
+) -> AuditStore:
     """Open (and create the schema of) the store named by ``spec``.
 
     ``"embedded"`` (or ``""``): chDB persisted in ``data_dir/"clickhouse"``.
     ``http://...`` / ``https://...``: a ClickHouse server (user, password and database
-    may be given in the URL: ``http://user:pw@host:8123/db``).
+    may be given in the URL: ``http://user:pw@host:8123/db``; else ``user``/``password``).
     """
     spec = (spec or "embedded").strip()
     if spec == "embedded":
@@ -40,7 +47,7 @@ async def open_store(spec: str, data_dir: Path | str, limits: QueryLimits | None
     elif spec.startswith(("http://", "https://")):
         from consumers.store.http import HttpStore
 
-        store = HttpStore(spec)
+        store = HttpStore(spec, user=user, password=password)
     else:
         raise ValueError(f"store spec must be 'embedded' or an http(s) URL, not {spec!r}")
     if limits is not None:

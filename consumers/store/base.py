@@ -25,8 +25,11 @@ from datetime import UTC, date, datetime
 from importlib import resources
 from typing import Any, TypeVar
 
+import orjson
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 SCHEMA_FILES = (
+    "000_migrations.sql",
     "001_audit.sql",
     "002_counters.sql",
     "003_security.sql",
@@ -36,6 +39,7 @@ SCHEMA_FILES = (
     "007_calls_policy_depth.sql",
     "008_approvals.sql",
 )
+MIGRATIONS_TABLE = "ledgergate_migrations"
 
 Rows = list[tuple[Any, ...]]
 Answer = tuple[list[str], Rows]
@@ -102,22 +106,31 @@ def check_identifier(name: str) -> str:
 
 def schema_statements() -> list[str]:
     """The DDL statements of ``schemas/clickhouse/*.sql`` in file order (all idempotent)."""
-    out: list[str] = []
+    return [stmt for _, _, stmts in schema_files() for stmt in stmts]
+
+
+def schema_files() -> list[tuple[int, str, list[str]]]:
+    """(version, file name, statements) of each ``schemas/clickhouse/NNN_*.sql``, in order."""
     base = resources.files("schemas") / "clickhouse"
-    for name in SCHEMA_FILES:
-        text = (base / name).read_text(encoding="utf-8")
-        lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("--")]
-        current: list[str] = []
-        for ln in lines:
-            current.append(ln)
-            if ln.rstrip().endswith(";"):
-                stmt = "\n".join(current).strip().rstrip(";").strip()
-                if stmt:
-                    out.append(stmt)
-                current = []
-        rest = "\n".join(current).strip()
-        if rest:
-            out.append(rest)
+    return [
+        (int(name[:3]), name, _statements((base / name).read_text(encoding="utf-8"))) for name in SCHEMA_FILES
+    ]
+
+
+def _statements(text: str) -> list[str]:
+    out: list[str] = []
+    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("--")]
+    current: list[str] = []
+    for ln in lines:
+        current.append(ln)
+        if ln.rstrip().endswith(";"):
+            stmt = "\n".join(current).strip().rstrip(";").strip()
+            if stmt:
+                out.append(stmt)
+            current = []
+    rest = "\n".join(current).strip()
+    if rest:
+        out.append(rest)
     return out
 
 
@@ -189,10 +202,24 @@ class AuditStore(abc.ABC):
     async def open(self) -> None:
         """Connect (for chDB: start the engine thread and open the data dir)."""
 
-    async def ensure_schema(self) -> None:
-        """Create every audit/counter table and view if missing (idempotent)."""
-        for stmt in schema_statements():
+    async def ensure_schema(self) -> list[str]:
+        """Apply the schema migrations not yet applied (idempotent; ``000_migrations.sql``
+        says how). Returns the names of the files applied now."""
+        files = schema_files()
+        stmts = files[0][2]
+        for stmt in stmts:  # the migrations table itself
             await self.execute(stmt)
+        _, rows = await self.query(f"SELECT DISTINCT version FROM {MIGRATIONS_TABLE}")
+        done = {int(r[0]) for r in rows}
+        applied: list[str] = []
+        for version, name, stmts in files:
+            if version in done:
+                continue
+            for stmt in stmts:
+                await self.execute(stmt)
+            await self.insert_json(MIGRATIONS_TABLE, [orjson.dumps({"version": version, "name": name})])
+            applied.append(name)
+        return applied
 
     @abc.abstractmethod
     async def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> None:

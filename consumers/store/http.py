@@ -48,8 +48,18 @@ def _plain(value: Any) -> Any:
 class HttpStore(AuditStore):
     kind = "http"
 
-    def __init__(self, url: str, *, connect_timeout: float = 10, send_receive_timeout: float = 300) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        connect_timeout: float = 10,
+        send_receive_timeout: float = 300,
+    ) -> None:
         self.url = url
+        self._user = user  # used when the URL names no user
+        self._password = password
         self._connect_timeout = connect_timeout
         self._timeout = send_receive_timeout
         self._client: Any = None
@@ -73,8 +83,8 @@ class HttpStore(AuditStore):
                 host=u.hostname or "127.0.0.1",
                 port=u.port or (8443 if u.scheme == "https" else 8123),
                 interface=u.scheme,
-                username=unquote(u.username) if u.username else "default",
-                password=unquote(u.password) if u.password else "",
+                username=unquote(u.username) if u.username else (self._user or "default"),
+                password=unquote(u.password) if u.username else (self._password or ""),
                 database=u.path.strip("/") or "__default__",
                 autogenerate_session_id=False,
                 connect_timeout=self._connect_timeout,

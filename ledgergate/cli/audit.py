@@ -105,6 +105,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", "-c", default="ledgergate.toml", help="the gateway's config file")
     common.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    common.add_argument(
+        "--clickhouse",
+        metavar="URL",
+        help="ask this ClickHouse server directly (the tables `ledgergate consume` fills), e.g. "
+        "http://127.0.0.1:8123; user and password from CLICKHOUSE_USER / CLICKHOUSE_PASSWORD or "
+        "LEDGERGATE_STORE_USER / LEDGERGATE_STORE_PASSWORD",
+    )
 
     def filters(p: argparse.ArgumentParser, *, tool_required: bool = False) -> None:
         p.add_argument("--tool", required=tool_required, help="tool name (or a JSON-RPC method)")
@@ -266,7 +273,7 @@ async def ask_link(
 async def ask_local(
     cfg: Config, question: str, params: dict[str, Any]
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    if not cfg.data_dir.exists():
+    if not cfg.data_dir.exists() and cfg.store.clickhouse == "embedded":
         print(
             f"note: no data dir at {cfg.data_dir} yet (has the gateway run with this config?)",
             file=sys.stderr,
@@ -315,9 +322,15 @@ async def _open(cfg: Config) -> Any:
         raise CliError(3, f"cannot open the log and store in {cfg.data_dir}: {exc}") from None
 
 
-async def ask(cfg: Config, question: str, params: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+async def ask(
+    cfg: Config, question: str, params: dict[str, Any], clickhouse: str | None = None
+) -> tuple[list[str], list[tuple[Any, ...]]]:
     """Ask the running gateway (its admin socket, else TCP with the admin token) if there is
-    one, else the store itself (``find_gateway`` says which)."""
+    one, else the store itself (``find_gateway`` says which); with ``clickhouse`` (a server
+    URL), that server's tables directly, whatever runs."""
+    if clickhouse:
+        cfg.store.clickhouse = clickhouse
+        return await ask_local(cfg, question, params)
     link = await find_gateway(cfg)
     if link is not None:
         return await ask_link(link, question, params)
@@ -335,7 +348,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args.config)
         question, params = question_params(args)
-        answer = asyncio.run(ask(cfg, question, params))
+        answer = asyncio.run(ask(cfg, question, params, args.clickhouse))
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code

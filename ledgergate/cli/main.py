@@ -13,6 +13,7 @@ from typing import Any
 from gateway.config import Config, ConfigError
 from ledgergate.cli import approvals as cli_approvals
 from ledgergate.cli import audit as cli_audit
+from ledgergate.cli import consume as cli_consume
 from ledgergate.cli import live as cli_live
 from ledgergate.cli import policy as cli_policy
 from ledgergate.cli import tools as cli_tools
@@ -375,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     cli_policy.add_commands(sub)
     cli_approvals.add_commands(sub)
     cli_tools.add_commands(sub)
+    cli_consume.add_commands(sub)
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

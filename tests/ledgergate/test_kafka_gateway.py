@@ -38,7 +38,7 @@ async def test_kafka_gateway_kill_9_restart_keeps_the_minute_limit(
         gateway={"admin_token": ADMIN},
         extra=(
             f'\n[eventlog]\nbackend = "kafka"\nbootstrap = "{kafka_broker.bootstrap}"\n'
-            f'topic = "{topic}"\npartitions = 3\n'
+            f'topic = "{topic}"\npartitions = 3\nrun_consumers = true\n'
         ),
     )
     data_dir = load_config(path).data_dir

@@ -62,11 +62,14 @@ def _http(url: str, sql: str) -> None:
         resp.read()
 
 
-def start_server(data_dir: Path, timeout_s: float = 60.0) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def start_server(
+    data_dir: Path, timeout_s: float = 60.0, port: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A server on `port` (default: a free one; give the old one to restart on the same data)."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     data_dir.mkdir(parents=True, exist_ok=True)
-    log = open(data_dir / "launcher.log", "wb")
+    log = open(data_dir / "launcher.log", "ab")
     proc = subprocess.Popen(
         [sys.executable, str(LAUNCHER), "--data", str(data_dir), "--http-port", str(port)],
         stdout=log,

@@ -15,7 +15,7 @@ from gateway.mcp.flow import CallFlow
 from gateway.policy.engine import Call, decide
 from gateway.policy.limiter import Limiter
 from gateway.policy.live import PolicySet
-from ledgergate.embedded import rebuild_limiters
+from gateway.policy.rebuild import rebuild_limiters
 
 POLICY = (
     '{"version":"1","default":"deny","tools":{"t":{"limits":['
