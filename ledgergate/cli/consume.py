@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from gateway.config import Config, ConfigError, config_errors, load_config
+from ledgergate.cli.audit import _positive
 
 log = logging.getLogger("ledgergate")
 
@@ -45,16 +46,6 @@ class ConsumeError(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {n}")
-    return n
 
 
 def _seconds(text: str) -> float:
