@@ -178,8 +178,8 @@ async def bench_freshness(
 async def bench_replicas(bootstrap: str, tmp: Path, limit: int, sessions: int) -> dict[str, object]:
     """Two gateways on one topic, one grant: total allowed vs the limit, and the bound."""
     import aiohttp
-    from tests.test_audit_e2e import client, start_early_in_a_minute
 
+    from tests.ledgergate.test_audit_e2e import client, start_early_in_a_minute
     from tests.support.gateway import start_gateway_process, write_config
     from tests.support.procs import stop_process
 

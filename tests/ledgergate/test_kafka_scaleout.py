@@ -26,11 +26,11 @@ from bench.bench_eventlog import make_payloads
 from consumers.store.http import HttpStore
 from eventlog.kafka import KafkaEventLog
 from eventlog.sqlite import SqliteEventLog
+from tests.ledgergate.test_audit_e2e import ADMIN, RECORDER, cli, client, start_early_in_a_minute
 from tests.support.clickhouse import clickhouse_db_url, clickhouse_url, start_server, stop_server
 from tests.support.gateway import SEED_POLICY, start_gateway_process, write_config
 from tests.support.kafka import Tansu, kafka_broker, unique_topic
 from tests.support.procs import ProcHandle, log_tail, start_process, stop_process
-from tests.test_audit_e2e import ADMIN, RECORDER, cli, client, start_early_in_a_minute
 
 __all__ = ["clickhouse_db_url", "clickhouse_url", "kafka_broker"]  # fixtures, used by name
 
