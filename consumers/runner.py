@@ -18,6 +18,8 @@ from eventlog.base import EventLog, Position, Record
 from eventlog.ratelog import AggregatingLog
 from schemas.events import EVENT_ID_MARKER, EVENT_KINDS, KIND_MARKER, decode_raw, kind_marker
 
+_KIND_LEN = len(KIND_MARKER)
+
 log_ = logging.getLogger(__name__)
 log = logging.getLogger("ledgergate")
 
@@ -62,14 +64,21 @@ class LogConsumer:
         JSON events are skipped and logged (never retried)."""
         out: list[bytes] = []
         markers = self._markers
+        wanted = {k.encode() for k in self.kinds}
         for rec in records:
             p = rec.payload
             if not strict and p[:1] == b"{" and EVENT_ID_MARKER in p:
-                hit = [m for m in markers if m in p]
-                if hit:
-                    out.append(p)
-                    continue
-                if KIND_MARKER in p:
+                k = p.find(KIND_MARKER)
+                if k >= 0:
+                    # the kind at the first marker (the gateway's own field) first: one find
+                    # and a set lookup instead of a scan of the payload per wanted kind
+                    end = p.find(b'"', k + _KIND_LEN)
+                    if end > 0 and p[k + _KIND_LEN : end] in wanted:
+                        out.append(p)
+                        continue
+                    # any later marker (agent text) of a wanted kind, as before
+                    if p.find(KIND_MARKER, k + 1) >= 0 and any(m in p for m in markers):
+                        out.append(p)
                     continue  # a kind this consumer does not want
             try:
                 ev = decode_raw(p)
