@@ -118,6 +118,8 @@ class Proxy:
         self.max_sessions_per_grant = max_sessions_per_grant
         self.max_inflight_per_grant = max_inflight_per_grant
         self.inflight: dict[str, int] = {}  # grant name -> POSTs being handled
+        # more for /admin/health, from the composition root (e.g. the Kafka log's spool depth and age)
+        self.health_extras: list[Callable[[], dict[str, Any]]] = []
         self.drain_timeout_s = drain_timeout_s
         self._forwarding: dict[asyncio.Task[Any], CallFlow] = {}  # allowed calls being forwarded
         self._drained = asyncio.Event()  # set while _forwarding is empty
@@ -1004,6 +1006,20 @@ async def health(req: Request) -> Response:
     return json_response(_ALIVE)
 
 
+def health_doc(proxy: Proxy) -> dict[str, Any]:
+    """What /admin/health says: sessions, calls in flight, servers, and the extras the
+    composition root adds (the Kafka log's spool)."""
+    doc: dict[str, Any] = {
+        "ok": True,
+        "sessions": len(proxy.sessions),
+        "inflight": sum(proxy.inflight.values()),
+        "servers": sorted(proxy.upstreams),
+    }
+    for extra in proxy.health_extras:
+        doc.update(extra())
+    return doc
+
+
 def health_detail(proxy: Proxy, admin_token: str) -> Callable[[Request], Any]:
     expected = f"Bearer {admin_token}".encode()
 
@@ -1016,12 +1032,6 @@ def health_detail(proxy: Proxy, admin_token: str) -> Callable[[Request], Any]:
                 "missing or wrong admin token",
                 {"WWW-Authenticate": 'Bearer realm="ledgergate-admin"'},
             )
-        doc = {
-            "ok": True,
-            "sessions": len(proxy.sessions),
-            "inflight": sum(proxy.inflight.values()),
-            "servers": sorted(proxy.upstreams),
-        }
-        return json_response(doc)
+        return json_response(health_doc(proxy))
 
     return handler

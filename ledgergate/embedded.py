@@ -494,18 +494,12 @@ async def start_admin_socket(cfg: Config, embedded: Embedded, app: App, addon: A
     with no configuration; [gateway] admin_token stays for remote HTTP. Named in the lock file.
     A socket that cannot be served is an ERROR line, not a refusal to serve agents."""
     from gateway.admin import add_admin_routes, add_event_stream
-    from gateway.proxy import health
+    from gateway.proxy import health, health_doc
 
     proxy = app[PROXY_KEY]
 
     async def health_detail(req: Request) -> Response:
-        doc = {
-            "ok": True,
-            "sessions": len(proxy.sessions),
-            "inflight": sum(proxy.inflight.values()),
-            "servers": sorted(proxy.upstreams),
-        }
-        return Response(body=orjson.dumps(doc), content_type="application/json")
+        return Response(body=orjson.dumps(health_doc(proxy)), content_type="application/json")
 
     local_app = App(EdgeLimits(max_body_bytes=max(cfg.gateway.max_body_bytes, 1 << 20)))
     local_app.add_get("/healthz", health)
@@ -663,6 +657,9 @@ async def serve(
 
             add_simulate_route(app, cfg.gateway.admin_token, embedded.simulate)
         proxy = app[PROXY_KEY]
+        spool_stats = getattr(embedded.log, "spool_stats", None)
+        if spool_stats is not None:  # the Kafka log: its local spool's depth and age on /admin/health
+            proxy.health_extras.append(lambda: {"spool": spool_stats()})
         start_live(cfg, embedded, app, addon, clock)
         t0 = time.perf_counter()
         folded, end = await rebuild_limiters_to(

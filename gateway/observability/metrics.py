@@ -283,6 +283,19 @@ class GatewayCollector(Collector):
             yield fam
 
     def _eventlog(self) -> Iterator[Any]:
+        spool = getattr(self.m.eventlog, "spool_stats", None)
+        if spool is not None:  # the Kafka log: decisions waiting in the local spool
+            st = spool()
+            p = f"{PREFIX}_eventlog_spool_"
+            g = GaugeMetricFamily(p + "records", "Decisions in the local spool, not yet acked by Kafka")
+            g.add_metric([], st["depth"])
+            yield g
+            g = GaugeMetricFamily(p + "age_seconds", "Age of the oldest decision in the local spool")
+            g.add_metric([], st["age_s"])
+            yield g
+            g = GaugeMetricFamily(p + "active", "1 while appends go to the spool (broker down or slow)")
+            g.add_metric([], 1 if st["spooling"] else 0)
+            yield g
         stats = getattr(self.m.eventlog, "stats", None)
         if stats is None:
             return
