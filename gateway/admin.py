@@ -480,8 +480,6 @@ def add_approval_routes(app: App, token: str | None, approvals: Any) -> None:
     """Mount ``GET /admin/approvals`` and ``POST /admin/approvals/{id}`` (module doc) for
     ``approvals`` (gateway.approvals_live.LiveApprovals). ``token=None``: the owner-only
     local socket, no authentication."""
-    from gateway.approvals_live import ApprovalError, resolution_json
-
     if token is not None and not token:
         raise ValueError("the admin API needs a non-empty admin token")
     expected = f"Bearer {token}".encode()
@@ -500,31 +498,41 @@ def add_approval_routes(app: App, token: str | None, approvals: Any) -> None:
     async def resolve(req: Request) -> Response:
         if not authorized(req):
             return _error(401, "unauthorized", "missing or wrong admin token")
-        try:
-            body = orjson.loads(await req.read() or b"{}")
-        except orjson.JSONDecodeError as exc:
-            return _error(400, "bad_request", f"body is not JSON: {exc}")
-        if not isinstance(body, dict):
-            return _error(400, "bad_request", 'body must be {"decision": "approve"|"deny", "comment": ...}')
-        extra = set(body) - {"decision", "comment", "by"}
-        if extra:
-            return _error(400, "bad_request", f"unknown keys in body: {', '.join(sorted(extra))}")
-        decision = body.get("decision")
-        if decision not in ("approve", "deny"):
-            return _error(400, "bad_request", 'decision must be "approve" or "deny"')
-        comment, by = body.get("comment"), body.get("by")
-        if not isinstance(comment, str | None) or not isinstance(by, str | None):
-            return _error(400, "bad_request", "comment and by must be strings")
-        if not by:
-            by = "token" if token is not None else (peer_credentials(req) or "socket")
-        rid = req.match_info["id"]
-        try:
-            fn = approvals.approve if decision == "approve" else approvals.deny
-            res = fn(rid, by, comment or None)
-        except ApprovalError as exc:
-            known = approvals.state.resolution(rid) is not None
-            return _error(409 if known else 404, "conflict" if known else "not_found", str(exc))
-        return json_response({"resolution": resolution_json(res)})
+        default_by = "token" if token is not None else (peer_credentials(req) or "socket")
+        return resolve_approval(approvals, req.match_info["id"], await req.read(), default_by)
 
     app.add_get("/admin/approvals", listing)
     app.add_post("/admin/approvals/{id}", resolve)
+
+
+def resolve_approval(
+    approvals: Any, rid: str, raw: bytes, default_by: str, *, by_allowed: bool = True
+) -> Response:
+    """Decide held call ``rid`` from a request body ``{"decision": "approve"|"deny", "comment":
+    ..., "by": ...}`` (module doc for the answers). The one path of every approver's HTTP
+    surface: ``POST /admin/approvals/{id}`` and the dashboard's ``POST /ui/api/approvals/{id}``
+    (``by_allowed=False``: the page cannot name someone else, ``default_by`` is recorded)."""
+    from gateway.approvals_live import ApprovalError, resolution_json
+
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        return _error(400, "bad_request", f"body is not JSON: {exc}")
+    if not isinstance(body, dict):
+        return _error(400, "bad_request", 'body must be {"decision": "approve"|"deny", "comment": ...}')
+    extra = set(body) - ({"decision", "comment", "by"} if by_allowed else {"decision", "comment"})
+    if extra:
+        return _error(400, "bad_request", f"unknown keys in body: {', '.join(sorted(extra))}")
+    decision = body.get("decision")
+    if decision not in ("approve", "deny"):
+        return _error(400, "bad_request", 'decision must be "approve" or "deny"')
+    comment, by = body.get("comment"), body.get("by")
+    if not isinstance(comment, str | None) or not isinstance(by, str | None):
+        return _error(400, "bad_request", "comment and by must be strings")
+    try:
+        fn = approvals.approve if decision == "approve" else approvals.deny
+        res = fn(rid, by or default_by, comment or None)
+    except ApprovalError as exc:
+        known = approvals.state.resolution(rid) is not None
+        return _error(409 if known else 404, "conflict" if known else "not_found", str(exc))
+    return json_response({"resolution": resolution_json(res)})

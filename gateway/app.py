@@ -153,7 +153,9 @@ def build_app(
         add_admin_routes(app, cfg.gateway.admin_token, admin, policies.reload, chain)
         from gateway.ui.dashboard import add_ui_routes
 
-        app[UI_KEY] = add_ui_routes(app, cfg.gateway.admin_token, admin, policies, chain, ui_events)
+        app[UI_KEY] = add_ui_routes(
+            app, cfg.gateway.admin_token, admin, policies, chain, ui_events, approvals=proxy.approvals
+        )
     if metrics is not None:
         metrics.proxy = proxy
         metrics.addon.bind_policies(policies)

@@ -15,6 +15,12 @@ the page and ``ledgergate audit ...`` always agree. Routes (JSON unless said):
 - ``GET /ui/api/refusals?since=&until=`` refusals per minute and rule
 - ``GET /ui/api/top?since=&until=`` top agents and tools
 - ``GET /ui/api/inventory`` each server's tools with the rule that applies (from the live policies)
+- ``GET /ui/api/approvals`` the held calls (``{"pending": [...]}``, as ``GET /admin/approvals``)
+- ``POST /ui/api/approvals/{id}`` ``{"decision": "approve"|"deny", "comment": ...}``: decided by
+  ``gateway.admin.resolve_approval`` on the proxy's live approvals (the admin API's one path),
+  ``by`` recorded as ``dashboard``. Against cross-site requests, besides the SameSite=Strict
+  cookie, it needs the header ``X-Requested-With: ledgergate-ui`` (a form cannot send it and a
+  cross-origin script cannot without a CORS preflight, which nothing here answers)
 - ``GET /ui/stream`` server-sent events: ``decided`` / ``completed`` of each call, from the
   event log's tail (fed by the ``events`` callable of the composition root)
 
@@ -40,7 +46,7 @@ from urllib.parse import parse_qs
 import orjson
 from aiohttp.web import Response, StreamResponse
 
-from gateway.admin import FILTERS, answer_json, classify_error
+from gateway.admin import FILTERS, answer_json, classify_error, resolve_approval
 from gateway.audit.hooks import Addon, AdminRequest
 from gateway.auth import failure_reason
 from gateway.edge import App, Request
@@ -56,6 +62,8 @@ UI_SERVER = "(ui)"  # the server name of auth.failed events of the dashboard's l
 REFUSED = ("deny", "rate_limited", "invalid_arguments")
 STREAM_KINDS = frozenset({"call.decided", "call.completed"})
 HEARTBEAT_S = 15.0
+CSRF_HEADER, CSRF_VALUE = "X-Requested-With", "ledgergate-ui"
+APPROVER = "dashboard"  # the `by` of decisions taken here: the login is the admin token, no name
 _STATIC = {"app.js": "application/javascript", "app.css": "text/css"}
 
 CALL_SQL = (
@@ -179,6 +187,7 @@ class Dashboard:
         addons: Addon | None = None,
         events: EventsFn | None = None,
         clock: Callable[[], float] = time.time,
+        approvals: Any = None,
     ) -> None:
         self._token = token.encode()
         self.answer = answer
@@ -186,6 +195,7 @@ class Dashboard:
         self.addons = addons
         self.events = events
         self.clock = clock
+        self.approvals = approvals  # gateway.approvals_live.LiveApprovals (the proxy's)
         self.sessions: dict[str, float] = {}  # cookie value -> expiry
         self.closing = asyncio.Event()
 
@@ -300,7 +310,21 @@ class Dashboard:
             return await self._ask(req, "sql", {"sql": text, "params": params})
         if view == "inventory":
             return _json(200, {"rows": inventory(self.policies)})
+        if view == "approvals" and self.approvals is not None:
+            return _json(200, {"pending": [self.approvals.as_json(r) for r in self.approvals.pending()]})
         return _json(404, {"error": "not_found", "message": f"no view {view!r}"})
+
+    async def decide(self, req: Request) -> Response:
+        """Approve or deny one held call (module doc)."""
+        if not self.authorized(req):
+            return _json(401, {"error": "unauthorized", "message": "log in at /ui"})
+        if req.headers.get(CSRF_HEADER) != CSRF_VALUE:
+            return _json(403, {"error": "forbidden", "message": f"missing {CSRF_HEADER} header"})
+        if self.approvals is None:
+            return _json(404, {"error": "not_found", "message": "no approvals on this gateway"})
+        return resolve_approval(
+            self.approvals, req.match_info["id"], await req.read(), APPROVER, by_allowed=False
+        )
 
     async def stream(self, req: Request) -> StreamResponse:
         """Server-sent events of the calls decided and completed from now on."""
@@ -424,13 +448,15 @@ def add_ui_routes(
     policies: Any,
     addons: Addon | None = None,
     events: EventsFn | None = None,
+    approvals: Any = None,
 ) -> Dashboard:
     """Mount the dashboard on ``app`` (see the module doc); returns it (``close()`` at shutdown)."""
-    ui = Dashboard(token, answer, policies, addons, events)
+    ui = Dashboard(token, answer, policies, addons, events, approvals=approvals)
     app.add_get("/ui", ui.page)
     app.add_post("/ui/login", ui.login)
     app.add_post("/ui/logout", ui.logout)
     app.add_get("/ui/static/{name:app\\.js|app\\.css}", ui.static)
     app.add_get("/ui/api/{view}", ui.api)
+    app.add_post("/ui/api/approvals/{id}", ui.decide)
     app.add_get("/ui/stream", ui.stream)
     return ui

@@ -176,6 +176,105 @@ loaders.call = async () => {
     body.appendChild(tr);
   }
 };
+// ---- approvals -------------------------------------------------------------------------
+// The queue is polled (an in-memory list on the gateway: cheap); rows are updated in place so
+// a comment being typed survives the refresh.
+const APPROVALS_POLL_MS = 2000;
+const pending = new Map(); // approval id -> row
+const fmtSecs = (s) => (s >= 90 ? `${Math.floor(s / 60)} min ${Math.round(s % 60)} s` : `${Math.round(s)} s`);
+function approvalRow(a) {
+  const tr = document.createElement("tr");
+  tr.dataset.id = a.id;
+  Object.assign(tr.dataset, { server: a.server, tool: a.tool, callId: a.call_id || "" });
+  cell(tr, a.id, "id");
+  cell(tr, a.server);
+  cell(tr, a.tool);
+  cell(tr, a.agent && a.agent !== a.grant ? `${a.agent} (${a.grant})` : a.grant);
+  cell(tr, JSON.stringify(a.arguments ?? {}, null, 1), "args");
+  cell(tr, "", "waiting");
+  cell(tr, "", "left");
+  const td = cell(tr, "", "act");
+  const comment = document.createElement("input");
+  comment.name = "comment";
+  comment.placeholder = "comment (the agent reads it)";
+  const approve = document.createElement("button");
+  approve.className = "approve";
+  approve.textContent = "Approve";
+  const deny = document.createElement("button");
+  deny.className = "deny";
+  deny.textContent = "Deny";
+  approve.addEventListener("click", () => decide(a.id, "approve", comment.value));
+  deny.addEventListener("click", () => decide(a.id, "deny", comment.value));
+  const box = document.createElement("div");
+  box.className = "controls";
+  box.append(comment, approve, deny);
+  td.appendChild(box);
+  return tr;
+}
+function renderApprovals(list) {
+  const body = $("#approvals-table tbody");
+  const seen = new Set();
+  for (const a of list) {
+    seen.add(a.id);
+    let tr = pending.get(a.id);
+    if (!tr) {
+      tr = approvalRow(a);
+      pending.set(a.id, tr);
+      body.appendChild(tr);
+    }
+    $(".waiting", tr).textContent = fmtSecs(a.waiting_s);
+    $(".left", tr).textContent = fmtSecs(a.expires_in_s);
+  }
+  for (const [id, tr] of pending) {
+    if (!seen.has(id)) { tr.remove(); pending.delete(id); }
+  }
+  countApprovals();
+}
+function countApprovals() {
+  const count = $("#approvals-count");
+  count.textContent = String(pending.size);
+  count.hidden = pending.size === 0;
+  $("#approvals-empty").hidden = pending.size > 0;
+}
+async function pollApprovals() {
+  try {
+    renderApprovals((await api("approvals")).pending);
+  } catch (e) {
+    if ($("#view-approvals").classList.contains("active")) showError(e.message);
+  }
+  setTimeout(pollApprovals, APPROVALS_POLL_MS);
+}
+async function decide(id, decision, comment) {
+  const tr = pending.get(id);
+  if (tr) for (const b of tr.querySelectorAll("button")) b.disabled = true;
+  try {
+    const resp = await fetch(`/ui/api/approvals/${encodeURIComponent(id)}`, {
+      method: "POST",
+      credentials: "same-origin",
+      // the gateway refuses the POST without it: a cross-site form cannot set a header
+      headers: { "Content-Type": "application/json", "X-Requested-With": "ledgergate-ui" },
+      body: JSON.stringify({ decision, comment }),
+    });
+    const doc = await resp.json();
+    if (!resp.ok) {
+      if (resp.status === 401) location.reload();
+      throw new Error(doc.message || resp.statusText);
+    }
+    const r = doc.resolution;
+    const li = document.createElement("li");
+    li.dataset.id = r.id;
+    li.dataset.outcome = r.outcome;
+    li.textContent = `${fmtTime(r.at * 1000)} ${r.id} ${r.server}/${r.tool} ${r.outcome} by ${r.by}` + (r.comment ? `: ${r.comment}` : "");
+    $("#approvals-done").prepend(li);
+    if (tr) { tr.remove(); pending.delete(id); }
+    countApprovals();
+  } catch (e) {
+    showError(e.message);
+    if (tr) for (const b of tr.querySelectorAll("button")) b.disabled = false;
+  }
+}
+loaders.approvals = async () => renderApprovals((await api("approvals")).pending);
+
 function openCall(id) {
   $("#call-form [name=call_id]").value = id;
   show("call");
@@ -190,4 +289,5 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#live-filters").addEventListener("submit", (e) => e.preventDefault());
   connect();
   loadRecent().catch((e) => showError(e.message));
+  pollApprovals();
 });

@@ -6,6 +6,10 @@ by the seed policy's 10-per-minute limit); the page shows them live, filters the
 opens one call, answers `audit who` with 10/2 as the admin API (what the CLI asks) does, and
 shows refusals by rule, top agents/tools and the tool inventory. A screenshot of each view
 goes to the test's tmp_path.
+
+The approvals view: a second gateway serves tests/support/recording_stdio.py with echo held for
+a human; calls made with the SDK in background tasks show up in the queue, one is approved
+from the page (the upstream answers it), one denied with a comment (the agent reads it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.support.gateway import SEED_POLICY, write_config
+from tests.support.hostile import recorded_calls, recording_stdio_server
 from tests.support.procs import start_process, stop_process, wait_http
 from tests.support.upstreams import StdioCommand
 
@@ -233,3 +238,113 @@ async def test_dashboard_live_filter_record_who(gateway: str, browser: Any, tmp_
     ]
     if os.environ.get("LEDGERGATE_UPDATE_DOCS_SCREENSHOT"):  # refresh the README's picture
         shutil.copy(shots / "live.png", DOCS / "dashboard.png")
+
+
+HELD_POLICY = {
+    "version": "1",
+    "default": "deny",
+    "tools": {"echo": {"action": "approve", "approval": {"timeout": "120s"}, "redact": ["token"]}},
+}
+
+
+@pytest.fixture
+async def held_gateway(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """`ledgergate run` in front of the recording stdio server; echo waits for an approval."""
+    record = tmp_path / "record.log"
+    cfg = write_config(
+        tmp_path / "gw",
+        servers={"rec": recording_stdio_server(record)},
+        policies={"rec": HELD_POLICY},
+        grants={"demo": KEY},
+        agents={"demo": "demo-agent"},
+        gateway={"admin_token": TOKEN},
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEDGERGATE_")}
+    handle = start_process(
+        [sys.executable, "-m", "ledgergate", "run", "--config", str(cfg)],
+        env=env,
+        log_path=tmp_path / "gw.log",
+    )
+    try:
+        base = "http://" + tomllib.loads(cfg.read_text())["gateway"]["listen"]
+        await asyncio.to_thread(wait_http, f"{base}/healthz", 60, handle)
+        yield base, record
+    finally:
+        await asyncio.to_thread(stop_process, handle)
+
+
+async def test_dashboard_approves_and_denies_held_calls(
+    held_gateway: tuple[str, Path], browser: Any, tmp_path: Path
+) -> None:
+    gateway, record = held_gateway
+    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+    await page.goto(f"{gateway}/ui")
+    await page.fill("#token", TOKEN)
+    await page.click("#login-submit")
+    await page.wait_for_selector('#stream-state[data-state="live"]')
+    await page.click('#tabs button[data-view="approvals"]')
+    await page.wait_for_selector("#approvals-empty:visible")
+
+    http = httpx2.AsyncClient(
+        headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx2.Timeout(30.0, read=150.0)
+    )
+    async with Client(streamable_http_client(f"{gateway}/mcp/rec", http_client=http), mode="legacy") as c:
+        # held: it shows up in the queue (polled), with the arguments as stored (redacted)
+        first = asyncio.create_task(c.call_tool("echo", {"text": "hello", "token": "s3cret-value"}))
+        row = page.locator('#approvals-table tbody tr[data-tool="echo"]')
+        await row.wait_for()
+        cells = await row.locator("td").all_text_contents()
+        rid = await row.get_attribute("data-id")
+        assert rid and cells[0] == rid
+        assert cells[1:4] == ["rec", "echo", "demo-agent (demo)"]
+        assert '"text": "hello"' in cells[4] and "token" in cells[4] and "s3cret-value" not in cells[4]
+        assert cells[5].endswith(" s") and cells[6].endswith(" s")
+        assert await page.locator("#approvals-count").text_content() == "1"
+        assert not first.done() and recorded_calls(record) == []
+        await page.screenshot(path=tmp_path / "approvals.png", full_page=True)
+
+        # the page's POST needs its header: a cross-site form (cookie or not) cannot send it
+        bare = await page.request.post(f"{gateway}/ui/api/approvals/{rid}", data={"decision": "approve"})
+        assert bare.status == 403 and not first.done()
+
+        # Approve: the call goes through and the upstream answers it
+        await row.locator("button.approve").click()
+        result = await first
+        assert not result.is_error and result.content[0].text == "hello"
+        await page.locator(f'#approvals-done li[data-id="{rid}"][data-outcome="approved"]').wait_for()
+        assert "by dashboard" in (await page.locator(f'#approvals-done li[data-id="{rid}"]').text_content())
+        await row.wait_for(state="detached")
+
+        # a second held call, denied from the page with a comment the agent reads
+        second = asyncio.create_task(c.call_tool("echo", {"text": "again"}))
+        row2 = page.locator('#approvals-table tbody tr[data-tool="echo"]')
+        await row2.wait_for()
+        rid2 = await row2.get_attribute("data-id")
+        assert rid2 and rid2 != rid
+        await row2.locator('input[name="comment"]').fill("not on a friday")
+        await page.screenshot(path=tmp_path / "approvals-deny.png", full_page=True)
+        await row2.locator("button.deny").click()
+        denied = await second
+        assert denied.is_error
+        text = denied.content[0].text
+        assert "not on a friday" in text and f"approval {rid2} denied by dashboard" in text
+        await page.locator(f'#approvals-done li[data-id="{rid2}"][data-outcome="denied"]').wait_for()
+        await page.wait_for_selector("#approvals-empty:visible")
+
+    # the admin API's listing (what the CLI reads) agrees: nothing pending; only the
+    # approved call reached the upstream
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{gateway}/admin/approvals", headers={"Authorization": f"Bearer {TOKEN}"}) as r,
+    ):
+        assert (await r.json()) == {"pending": []}
+    calls = recorded_calls(record)
+    assert [(m["params"]["name"], m["params"]["arguments"]["text"]) for m in calls] == [("echo", "hello")]
+    # deciding again is a conflict, through the same path as the admin API
+    again = await page.request.post(
+        f"{gateway}/ui/api/approvals/{rid2}",
+        data={"decision": "approve"},
+        headers={"X-Requested-With": "ledgergate-ui"},
+    )
+    assert again.status == 409 and "already denied" in (await again.json())["message"]
+    assert (tmp_path / "approvals.png").stat().st_size > 0
