@@ -213,12 +213,14 @@ class AuditStore(abc.ABC):
         done = {int(r[0]) for r in rows}
         applied: list[str] = []
         for version, name, stmts in files:
-            if version in done:
-                continue
+            # every statement is idempotent (CREATE ... IF NOT EXISTS, ADD COLUMN IF NOT EXISTS):
+            # run them all at every start, so a table whose definition was lost comes back
+            # (the projection check then rebuilds it from the log); the table records versions
             for stmt in stmts:
                 await self.execute(stmt)
-            await self.insert_json(MIGRATIONS_TABLE, [orjson.dumps({"version": version, "name": name})])
-            applied.append(name)
+            if version not in done:
+                await self.insert_json(MIGRATIONS_TABLE, [orjson.dumps({"version": version, "name": name})])
+                applied.append(name)
         return applied
 
     @abc.abstractmethod
