@@ -20,7 +20,10 @@ append order) and every later append go to the spool instead. A drainer task pro
 broker with backoff (re-creating the topic if the broker lost it), sends the spooled
 records to Kafka in spool order, waits for the acks, records the drained offset in the
 spool and deletes what it drained; when the spool is empty it switches appends back to
-Kafka. Appends never bypass a non-empty spool, so each grant's records stay in order
+Kafka. Under steady load the spool would never be seen empty (appends keep landing in it as
+fast as it drains), so once the drainer reads the spool's tail, new appends wait for the
+switch (at most ``spool_after_ms``, then they go to the spool and the drainer tries again).
+Appends never bypass a non-empty spool, so each grant's records stay in order
 (a record whose ack was merely late can also arrive a second time: a duplicate, which the
 consumers drop by event_id). Spool state: ``spooling``, ``spool_depth``, ``spool_age_s()``.
 
@@ -176,6 +179,8 @@ class KafkaEventLog(EventLog):
         self._spool_depth = 0
         self._spool_oldest_ms: int | None = None
         self._drain_wake = asyncio.Event()
+        # set while the drainer sends the spool's tail: appends wait for the switch to Kafka
+        self._tail_gate: asyncio.Event | None = None
         self._drainer: asyncio.Task[None] | None = None
         self.drained_total = 0  # records moved from the spool to Kafka by this instance
 
@@ -324,6 +329,12 @@ class KafkaEventLog(EventLog):
             if self._strict:
                 await self.flush()
             return -1
+        if self._spooling and self._tail_gate is not None:
+            # the drainer is sending the spool's last records: growing the spool now would
+            # keep it from ever being empty under load, so wait for the switch (bounded)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._spool_after_s):
+                    await self._tail_gate.wait()
         if self._spooling:
             fut = self._to_spool(payloads)
             if self._strict:
@@ -475,6 +486,14 @@ class KafkaEventLog(EventLog):
     async def _drain(self) -> None:
         """Send the spool to Kafka in order until it is empty, then switch appends back."""
         await self._connect()  # probes the broker; a restarted broker may have lost the topic
+        try:
+            await self._drain_spool()
+        finally:
+            if self._tail_gate is not None:  # switched, or failed: waiting appends go on
+                self._tail_gate.set()
+                self._tail_gate = None
+
+    async def _drain_spool(self) -> None:
         producer = self._producer
         assert producer is not None
         while True:
@@ -489,6 +508,8 @@ class KafkaEventLog(EventLog):
                     log.warning("%r: spool drained; appending to Kafka again", self)
                     return
                 continue
+            if len(records) < self.drain_batch and self._tail_gate is None:
+                self._tail_gate = asyncio.Event()  # the tail: hold new appends until the switch
             futs: list[asyncio.Future[Any]] = []
             try:
                 async with asyncio.timeout(max(10.0, 2 * self._spool_after_s)):
