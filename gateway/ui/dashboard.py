@@ -152,7 +152,9 @@ def inventory(policies: Any) -> list[dict[str, Any]]:
                 {
                     "server": server,
                     "tool": name,
-                    "action": "deny" if plan.denied else "allow",
+                    "action": "deny"
+                    if plan.denied
+                    else ("approve" if plan.approval is not None else "allow"),
                     "rule": plan.action_pointer,
                     "limits": [
                         f"{lim.max} per {window_text(lim.window_s)} per {lim.scope} ({lim.pointer})"
