@@ -164,6 +164,8 @@ class _Conn(RequestHandler):
             self._manager = None  # and connection_lost has nothing to undo
             tr: asyncio.Transport = transport  # type: ignore[assignment]
             tr.write(_BUSY)
+            # half-close where the transport can (TLS transports raise NotImplementedError, a
+            # transport already closing RuntimeError/OSError): the 503 is written either way
             with contextlib.suppress(OSError, NotImplementedError, RuntimeError):
                 tr.write_eof()
             self._loop.call_later(1.0, tr.close)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,8 @@ import pytest
 
 from eventlog.sqlite import SqliteEventLog
 from tests.ledgergate.test_audit_e2e import RECORDER, client
+from tests.support.fullfs import fill as fill_fs
+from tests.support.fullfs import small_tmpfs
 from tests.support.gateway import start_gateway_process, write_config
 from tests.support.procs import stop_process
 
@@ -44,30 +45,12 @@ def policy(max_calls: int, window: str = "hour") -> dict:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small-fs"
-    mnt.mkdir()
-    ok = (
-        os.geteuid() == 0
-        and subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mnt)], capture_output=True
-        ).returncode
-        == 0
-    )
-    if not ok:
-        pytest.skip("cannot mount a tmpfs here (not root)")
-    try:
+    with small_tmpfs(tmp_path / "small-fs", "128m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * (1 << 16))
-            f.flush()
-    return filler
+    return fill_fs(directory, 1 << 16)
 
 
 async def log_events(data_dir: Path) -> list[dict]:

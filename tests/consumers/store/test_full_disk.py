@@ -8,9 +8,6 @@ without the rights to mount they inject the failure at the store boundary instea
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from consumers.store import open_store
 from consumers.store.base import StoreError
 from eventlog.sqlite import SqliteEventLog
 from schemas.events import CallDecided, encode
+from tests.support.fullfs import fill, small_tmpfs
 
 
 def _decided(i: int) -> bytes:
@@ -40,31 +38,8 @@ def _decided(i: int) -> bytes:
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 96 MiB tmpfs of our own, or skip-free fallback: None when mounting is not allowed."""
-    mnt = tmp_path / "small-fs"
-    mnt.mkdir()
-    ok = (
-        os.geteuid() == 0
-        and (
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mnt)], capture_output=True)
-        ).returncode
-        == 0
-    )
-    if not ok:
-        pytest.skip("cannot mount a tmpfs here (not root); the boundary test covers the logic")
-    try:
+    with small_tmpfs(tmp_path / "small-fs", "96m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(path: Path) -> Path:
-    filler = path / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * (1 << 20))
-            f.flush()
-    return filler
 
 
 async def test_full_disk_insert_raises_and_offset_stays(small_fs: Path, tmp_path: Path) -> None:
@@ -75,7 +50,7 @@ async def test_full_disk_insert_raises_and_offset_stays(small_fs: Path, tmp_path
         consumer = AuditConsumer(log, store)
         await log.append([_decided(i) for i in range(200)])
         assert await consumer.catch_up() == 200
-        filler = _fill(small_fs)
+        filler = fill(small_fs)
         await log.append([_decided(i) for i in range(200, 3200)])
         with pytest.raises(StoreError, match=r"NOT_ENOUGH_SPACE|not enough space"):
             await consumer.catch_up()
