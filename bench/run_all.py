@@ -48,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import budget  # noqa: E402
 import peers  # noqa: E402
 from procstat import descendants  # noqa: E402
 
@@ -127,6 +128,7 @@ class Target:
         self.upstream_pid = upstream_pid
         self.notes = list(notes)
         self.arguments: dict = {}
+        self.metrics_url: str | None = None  # ledgergate's GET /metrics (metrics on, as the issue asks)
 
     @property
     def pid(self) -> int:
@@ -162,13 +164,24 @@ def write_ledgergate_config(
     port = free_port()
     (workdir / "bench.policy.json").write_text(json.dumps(BENCH_POLICY))
     cfg = workdir / "ledgergate.toml"
+    # metrics on (counted per call, served on their own port), tracing off: the speed
+    # issue's configuration for the CPU target
     cfg.write_text(
-        f'[gateway]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{workdir / "data"}"\n\n'
+        f'[gateway]\nlisten = "127.0.0.1:{port}"\ndata_dir = "{workdir / "data"}"\n'
+        f'metrics_listen = "127.0.0.1:{metrics_port(port)}"\n\n'
         f'[servers.bench]\nurl = "{upstream_url}"\npolicy = "bench.policy.json"\n\n'
         f'[grants.bench]\nkey = "{BENCH_KEY}"\nagent = "bench-agent"\n\n'
         f'[eventlog]\ndurability = "{durability}"\n{extra}'
     )
     return cfg, port
+
+
+def metrics_port(port: int) -> int:
+    """The metrics listener's port of the gateway listening on `port` (free when chosen)."""
+    return _METRICS_PORTS.setdefault(port, free_port())
+
+
+_METRICS_PORTS: dict[int, int] = {}
 
 
 def start_ledgergate(name: str, workdir: Path, upstream: Target, durability: str, extra: str = "") -> Target:
@@ -188,7 +201,7 @@ def start_ledgergate(name: str, workdir: Path, upstream: Target, durability: str
     except BaseException:
         peers.stop_process(proc)
         raise
-    return Target(
+    t = Target(
         name,
         f"http://127.0.0.1:{port}/mcp/bench",
         proc,
@@ -196,6 +209,8 @@ def start_ledgergate(name: str, workdir: Path, upstream: Target, durability: str
         upstream_pid=upstream.pid,
         notes=[f"config {cfg}", f"log {log}"],
     )
+    t.metrics_url = f"http://127.0.0.1:{metrics_port(port)}/metrics"
+    return t
 
 
 HAPROXY_CFG = """global
@@ -612,8 +627,7 @@ def haproxy_targets(summary: dict, fsync: dict | None, add) -> None:
         name = (
             f"CPU per allowed call, strict, consumers' catch-up included, conc 8 <= 2.5 x haproxy's ({drv})"
         )
-        # why a caveat: the issue's target is with metrics on and tracing off; neither exists yet
-        caveat = "; the gateway has no metrics or tracing yet, so this is without metrics"
+        caveat = "; metrics on, tracing off"
         if s and h and h["cpu_settled_us_per_call"]:
             x = s["cpu_settled_us_per_call"] / h["cpu_settled_us_per_call"]
             add(
@@ -861,6 +875,7 @@ def main() -> None:
     ap.add_argument("--skip-micro", action="store_true")
     ap.add_argument("--skip-extras", action="store_true", help="no everything / SSE runs")
     ap.add_argument("--no-wrk", action="store_true")
+    ap.add_argument("--skip-budget", action="store_true", help="no per-call budget (bench/budget.py)")
     ap.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     a = ap.parse_args()
     if a.quick:
@@ -892,6 +907,7 @@ def main() -> None:
     targets_: dict[str, Target] = {}
     extra_procs: list[subprocess.Popen] = []
     runs: list[dict] = []
+    budgets: list[dict] = []
     micro = None
     try:
         upstream = start_upstream(workdir)
@@ -1040,6 +1056,18 @@ def main() -> None:
             t.stop()
         targets_.clear()
 
+        if not a.skip_budget:
+            print("\nper-call budget (bench/budget.py: py-spy stages + perf, gateway pinned) ...", flush=True)
+            for dur in ("strict", "batched"):
+                try:
+                    r = budget.profile(dur, 8, 4.0 if a.quick else 8.0, workdir)
+                except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
+                    r = {"durability": dur, "error": f"{type(e).__name__}: {e}"}
+                budget.print_report(r)
+                budgets.append(r)
+                if "error" in r:
+                    notes.append(f"budget {dur}: {r['error']}")
+
         if not a.skip_micro:
             print("\nmicro-benchmarks (bench/micro.py) ...", flush=True)
             cmd = [PY, str(ROOT / "bench" / "micro.py"), "--json"] + (["--quick"] if a.quick else [])
@@ -1097,6 +1125,7 @@ def main() -> None:
         "fsync": fsync,
         "targets": tg,
         "micro": micro,
+        "budget": budgets,
         "runs": runs,
     }
     tmp = a.output.with_suffix(".json.tmp")
