@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -597,6 +598,7 @@ def main() -> None:
         for p in procs:
             stop_process(p)
         broker.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     load1 = os.getloadavg()
     summ = summarise(runs)
     fold_live = fold_live_us(runs, idle)
