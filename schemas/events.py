@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -57,24 +58,55 @@ Outcome = Literal["ok", "is_error", "jsonrpc_error", "upstream_error", "refused"
 
 
 _rand_bits = random.Random(int.from_bytes(os.urandom(16), "big")).getrandbits
+_uuid_lock = threading.Lock()
+# uuid7()'s state: the ms of the last id, the id's text up to its last group (the ms, version,
+# variant and the 26 high bits of the counter, random per ms), and the counter's low 48 bits
+_uuid_ms = -1  # before any millisecond (the clock may read 0)
+_uuid_head = ""
+_uuid_low = 0
+_LOW_MAX = (1 << 48) - 1
+
+
+def _reseed_after_fork() -> None:
+    # a forked child would replay its parent's sequence: the same ids in two processes
+    global _rand_bits, _uuid_ms
+    _rand_bits = random.Random(int.from_bytes(os.urandom(16), "big")).getrandbits
+    _uuid_ms = -1
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
+def _uuid7_ms(ms: int) -> None:
+    """Start millisecond ``ms``: a new random seed for the 74-bit counter."""
+    global _uuid_ms, _uuid_head, _uuid_low
+    high = _rand_bits(26)  # rand_a (12 bits) and the top 14 bits of rand_b
+    h = f"{ms & 0xFFFF_FFFF_FFFF:012x}{0x7000 | (high >> 14):04x}{0x8000 | (high & 0x3FFF):04x}"
+    _uuid_ms = ms
+    _uuid_head = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:]}-"
+    _uuid_low = _rand_bits(47)  # top bit clear: room for 2^47 ids in the millisecond
 
 
 def uuid7() -> str:
-    """A UUIDv7 (RFC 9562): 48-bit ms timestamp, version 7, variant 10, 74 random bits.
+    """A UUIDv7 (RFC 9562): 48-bit ms timestamp, version 7, variant 10, then 74 bits that
+    are a counter seeded at random each millisecond (RFC 9562 section 6.2, method 2).
 
-    Sortable by time, so event ids double as a rough order across gateway instances.
-    The random bits come from a per-process PRNG seeded from os.urandom: ids must be
+    Sortable by time, and the ids of one process sort in the order they were made: within
+    a millisecond the counter goes up by one; if the clock steps back, the last millisecond
+    is kept until it catches up (a counter that would overflow moves on to the next one).
+    The random seeds come from a per-process PRNG seeded from os.urandom: ids must be
     unique, not secret, and a syscall per event is measurable on the hot path.
     """
+    global _uuid_low
     ms = time.time_ns() // 1_000_000
-    rand = _rand_bits(80)
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80
-    value |= 0x7 << 76
-    value |= ((rand >> 62) & 0xFFF) << 64
-    value |= 0b10 << 62
-    value |= rand & 0x3FFF_FFFF_FFFF_FFFF
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    with _uuid_lock:  # built on the loop thread, but ids must stay unique from any thread
+        if ms > _uuid_ms:
+            _uuid7_ms(ms)
+        elif _uuid_low < _LOW_MAX:
+            _uuid_low += 1
+        else:  # 2^47 ids in one millisecond: never in practice, but stay monotonic
+            _uuid7_ms(_uuid_ms + 1)
+        return f"{_uuid_head}{_uuid_low:012x}"
 
 
 def now_ms() -> int:
