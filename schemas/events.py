@@ -359,6 +359,156 @@ def call_completed(  # positional too: one per call, like call_decided
     }
 
 
+# ---- the hot kinds as bytes ---------------------------------------------------------------
+# call.decided and call.completed are written for every call. Their bytes are built here
+# straight from fragments instead of a dict through orjson.dumps: most of their fields are
+# the same call after call (the gateway, the session's fields, the tool, the decision's
+# rule, the policy version), so the JSON of such a run of fields is encoded once by orjson
+# and cached by its values; only the per-call values (ids, ts, request id, arguments,
+# counters) are encoded per call. The bytes are exactly orjson.dumps(<the dict builder>)
+# (tests/schemas/test_events.py pins that, hostile strings included): the byte markers and
+# the consumers see no difference.
+
+_FRAGMENTS: dict[tuple[Any, ...], bytes] = {}
+_FRAGMENTS_MAX = 4096  # values an agent chooses (client name, session) vary: memory stays bounded
+
+
+def _fragment(key: tuple[Any, ...], head: bytes, names: tuple[str, ...], tail: bytes) -> bytes:
+    """``head`` + the JSON members ``names`` = ``key[1:]`` (as orjson writes them) + ``tail``."""
+    if len(_FRAGMENTS) >= _FRAGMENTS_MAX:
+        _FRAGMENTS.clear()
+    members = orjson.dumps(dict(zip(names, key[1:], strict=True)))[1:-1]
+    out = _FRAGMENTS[key] = head + members + tail
+    return out
+
+
+_dumps = orjson.dumps
+_EVENT_HEAD = b'{"schema_version":%d,"event_id":"' % SCHEMA_VERSION
+_DECIDED_GATEWAY = (b",", ("gateway", "kind"), b',"call_id":')
+_DECIDED_CALL = (b",", ("server", "method", "tool"), b',"request_id":')
+_DECIDED_SESSION = (
+    b",",
+    ("grant", "agent", "session", "protocol_version", "client_name", "client_version", "remote"),
+    b',"arguments":',
+)
+_DECIDED_RULE = (b",", ("decision", "rule", "reason"), b',"retry_after_s":')
+_DECIDED_TAIL = (b",", ("policy_version", "shadow", "would_decision", "risk_class", "risk_level"), b"}")
+_COMPLETED_GATEWAY = (b",", ("gateway", "kind"), b',"call_id":')
+_COMPLETED_CALL = (
+    b",",
+    ("server", "method", "tool", "grant", "agent", "session", "outcome"),
+    b',"error_code":',
+)
+_NO_ERROR = b'null,"error_message":null'
+_BOOL = {True: b"true", False: b"false", None: b"null"}
+
+
+def call_decided_bytes(
+    gateway: str,
+    call_id: str,
+    server: str,
+    method: str,
+    tool: str | None,
+    request_id: str | None,
+    grant: str,
+    agent: str,
+    session: str | None,
+    protocol_version: str | None,
+    client_name: str | None,
+    client_version: str | None,
+    remote: str | None,
+    arguments: dict[str, Any] | None,
+    args_sha256: str | None,
+    decision: str,
+    rule: str | None,
+    reason: str | None,
+    retry_after_s: float | None,
+    counters: list[dict[str, Any]],
+    charges: list[dict[str, Any]],
+    policy_version: str | None,
+    shadow: bool,
+    would_decision: str | None,
+    risk_class: str | None,
+    risk_level: str | None,
+) -> bytes:
+    """``orjson.dumps(call_decided(...))``, same parameters, built from cached fragments."""
+    f = _FRAGMENTS
+    k1 = ("dg", gateway, "call.decided")
+    k2 = ("dc", server, method, tool)
+    k3 = ("ds", grant, agent, session, protocol_version, client_name, client_version, remote)
+    k4 = ("dr", decision, rule, reason)
+    k5 = ("dt", policy_version, shadow, would_decision, risk_class, risk_level)
+    return b"".join(
+        (
+            _EVENT_HEAD,
+            uuid7().encode(),
+            b'","ts":%d' % now_ms(),
+            f.get(k1) or _fragment(k1, *_DECIDED_GATEWAY),
+            _dumps(call_id),
+            f.get(k2) or _fragment(k2, *_DECIDED_CALL),
+            _dumps(request_id),
+            f.get(k3) or _fragment(k3, *_DECIDED_SESSION),
+            _dumps(arguments),
+            b',"args_sha256":',
+            _dumps(args_sha256),
+            f.get(k4) or _fragment(k4, *_DECIDED_RULE),
+            _dumps(retry_after_s),
+            b',"counters":',
+            _dumps(counters),
+            b',"charges":',
+            _dumps(charges),
+            f.get(k5) or _fragment(k5, *_DECIDED_TAIL),
+        )
+    )
+
+
+def call_completed_bytes(
+    gateway: str,
+    call_id: str,
+    server: str,
+    method: str,
+    tool: str | None,
+    grant: str,
+    agent: str,
+    session: str | None,
+    outcome: str,
+    error_code: int | None,
+    error_message: str | None,
+    upstream_ms: float | None,
+    response_bytes: int,
+    upstream_answered: bool | None,
+    refunded: bool,
+) -> bytes:
+    """``orjson.dumps(call_completed(...))``, same parameters, built from cached fragments."""
+    f = _FRAGMENTS
+    k1 = ("cg", gateway, "call.completed")
+    k2 = ("cc", server, method, tool, grant, agent, session, outcome)
+    if error_code is None and error_message is None:
+        error = _NO_ERROR
+    else:
+        error = _dumps(error_code) + b',"error_message":' + _dumps(error_message)
+    return b"".join(
+        (
+            _EVENT_HEAD,
+            uuid7().encode(),
+            b'","ts":%d' % now_ms(),
+            f.get(k1) or _fragment(k1, *_COMPLETED_GATEWAY),
+            _dumps(call_id),
+            f.get(k2) or _fragment(k2, *_COMPLETED_CALL),
+            error,
+            b',"upstream_ms":',
+            _dumps(upstream_ms),
+            b',"response_bytes":',
+            _dumps(response_bytes),
+            b',"upstream_answered":',
+            _BOOL[upstream_answered],
+            b',"refunded":',
+            _BOOL[refunded],
+            b"}",
+        )
+    )
+
+
 class SessionOpened(_Event):
     kind: Literal["session.opened"] = "session.opened"
     session: str
