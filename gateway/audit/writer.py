@@ -219,27 +219,12 @@ class AuditAddon(Addon):
             d.reason,
             d.retry_after_s,
             [
-                {
-                    "counter": (k := s.key).counter,
-                    "scope": k.scope,
-                    "key": k.key,
-                    "window_s": k.window_s,
-                    "window_start": k.window_start,
-                    "count": s.count,
-                    "max": s.max,
-                }  # E.counter_state, inlined: one per limit per call
+                E.counter_state(
+                    s.key.counter, s.key.scope, s.key.key, s.key.window_s, s.key.window_start, s.count, s.max
+                )
                 for s in d.counters
             ],
-            [
-                {
-                    "counter": k.counter,
-                    "key": k.key,
-                    "scope": k.scope,
-                    "window_start": k.window_start,
-                    "window_s": k.window_s,
-                }  # E.counter_charge, inlined
-                for k in d.charges
-            ],
+            [E.counter_charge(k.counter, k.key, k.scope, k.window_start, k.window_s) for k in d.charges],
             flow.policy_version,
             d.shadow,
             d.action if d.shadow else None,  # would_decision: what enforcement would have done
