@@ -73,12 +73,16 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
 );
 """
 _LAST = "SELECT offset, ts_ms FROM records ORDER BY offset DESC LIMIT 1"
-# Multi-row INSERTs: one sqlite3_step (and one GIL release) per chunk instead of per row.
-# Chunk sizes are powers of two (<= 256 rows, 768 parameters: under SQLite's historical
-# 999-parameter limit), so at most 9 distinct statements end up in the statement cache.
-_CHUNKS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+# Multi-row INSERTs: one sqlite3_step (and one GIL release) per statement instead of per row.
+# A commit of up to 64 records is ONE statement of exactly its size; beyond, chunks of 256,
+# 128 and 64 rows, then one statement for the rest. So at most 67 distinct statements (<= 768
+# parameters: under SQLite's historical 999-parameter limit) stay in the connection's cache
+# of prepared statements (128 by default), next to the few others.
+_EXACT_MAX = 64
+_CHUNKS = (256, 128, 64)
 _INSERTS = {
-    k: "INSERT INTO records(offset, ts_ms, payload) VALUES " + ",".join(["(?,?,?)"] * k) for k in _CHUNKS
+    k: "INSERT INTO records(offset, ts_ms, payload) VALUES " + ",".join(["(?,?,?)"] * k)
+    for k in (*_CHUNKS, *range(1, _EXACT_MAX + 1))
 }
 _READ = "SELECT offset, payload FROM records WHERE offset >= ? ORDER BY offset LIMIT ?"
 _SINCE = "SELECT offset FROM records WHERE ts_ms >= ? ORDER BY ts_ms, offset LIMIT 1"
@@ -168,16 +172,19 @@ class _Worker:
 
 def _insert(conn: sqlite3.Connection, base: int, ts: int, payloads: list[bytes]) -> None:
     i, n = 0, len(payloads)
-    for k in _CHUNKS:
-        sql = _INSERTS[k]
-        while n - i >= k:
-            conn.execute(
-                sql,
-                tuple(
-                    chain.from_iterable(zip(range(base + i, base + i + k), repeat(ts), payloads[i : i + k]))
-                ),
-            )
-            i += k
+    while n - i > _EXACT_MAX:
+        k = next(c for c in _CHUNKS if n - i >= c)
+        conn.execute(
+            _INSERTS[k],
+            tuple(chain.from_iterable(zip(range(base + i, base + i + k), repeat(ts), payloads[i : i + k]))),
+        )
+        i += k
+    if i < n:  # the rest (all of a commit of up to 64 records) in one statement
+        rest = payloads[i:] if i else payloads
+        conn.execute(
+            _INSERTS[n - i],
+            tuple(chain.from_iterable(zip(range(base + i, base + n), repeat(ts), rest))),
+        )
 
 
 class _Batch:
@@ -556,7 +563,7 @@ class SqliteEventLog(EventLog):
             return self._assigned_end - 1
         if self._strict:
             return await self._enqueue(payloads)
-        last = self._enqueue(payloads).result()
+        last = self._enqueue_batched(payloads)  # no future: the offset is known now
         if len(self._pending.payloads) >= _BATCHED_HIGH_WATER:  # type: ignore[union-attr]
             await self.flush()
         return last
@@ -572,20 +579,28 @@ class SqliteEventLog(EventLog):
         return self._enqueue(payloads)
 
     def _enqueue(self, payloads: Sequence[bytes]) -> asyncio.Future[int]:
+        if not self._strict:
+            fut: asyncio.Future[int] = self._loop.create_future()  # type: ignore[union-attr]
+            fut.set_result(self._enqueue_batched(payloads))
+            return fut
         for p in payloads:
             if type(p) is not bytes:
                 raise TypeError(f"payloads must be bytes, not {type(p).__name__}")
-        fut: asyncio.Future[int] = self._loop.create_future()  # type: ignore[union-attr]
-        if self._strict:
-            b = self._pending
-            if b is None:
-                b = self._pending = _Batch(0, urgent=True)
-                if self._inflight is None:
-                    self._schedule_kick()
-            b.payloads.extend(payloads)
-            b.waiters.append((fut, len(b.payloads) - 1))
-            return fut
-        # batched
+        fut = self._loop.create_future()  # type: ignore[union-attr]
+        b = self._pending
+        if b is None:
+            b = self._pending = _Batch(0, urgent=True)
+            if self._inflight is None:
+                self._schedule_kick()
+        b.payloads.extend(payloads)
+        b.waiters.append((fut, len(b.payloads) - 1))
+        return fut
+
+    def _enqueue_batched(self, payloads: Sequence[bytes]) -> int:
+        """Batched: queue the records; the offset the last one will get."""
+        for p in payloads:
+            if type(p) is not bytes:
+                raise TypeError(f"payloads must be bytes, not {type(p).__name__}")
         if self._error is not None:
             raise self._unavailable(self._error.__cause__ or self._error) from self._error
         b = self._pending
@@ -595,9 +610,8 @@ class SqliteEventLog(EventLog):
                 self.flush_interval_ms / 1000, self._on_timer
             )
         b.payloads.extend(payloads)
-        self._assigned_end += len(payloads)
-        fut.set_result(self._assigned_end - 1)
-        return fut
+        end = self._assigned_end = self._assigned_end + len(payloads)
+        return end - 1
 
     def _schedule_kick(self) -> None:
         # call_soon, not a direct kick: every task woken in this loop iteration gets

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -57,24 +58,55 @@ Outcome = Literal["ok", "is_error", "jsonrpc_error", "upstream_error", "refused"
 
 
 _rand_bits = random.Random(int.from_bytes(os.urandom(16), "big")).getrandbits
+_uuid_lock = threading.Lock()
+# uuid7()'s state: the ms of the last id, the id's text up to its last group (the ms, version,
+# variant and the 26 high bits of the counter, random per ms), and the counter's low 48 bits
+_uuid_ms = -1  # before any millisecond (the clock may read 0)
+_uuid_head = ""
+_uuid_low = 0
+_LOW_MAX = (1 << 48) - 1
+
+
+def _reseed_after_fork() -> None:
+    # a forked child would replay its parent's sequence: the same ids in two processes
+    global _rand_bits, _uuid_ms
+    _rand_bits = random.Random(int.from_bytes(os.urandom(16), "big")).getrandbits
+    _uuid_ms = -1
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
+def _uuid7_ms(ms: int) -> None:
+    """Start millisecond ``ms``: a new random seed for the 74-bit counter."""
+    global _uuid_ms, _uuid_head, _uuid_low
+    high = _rand_bits(26)  # rand_a (12 bits) and the top 14 bits of rand_b
+    h = f"{ms & 0xFFFF_FFFF_FFFF:012x}{0x7000 | (high >> 14):04x}{0x8000 | (high & 0x3FFF):04x}"
+    _uuid_ms = ms
+    _uuid_head = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:]}-"
+    _uuid_low = _rand_bits(47)  # top bit clear: room for 2^47 ids in the millisecond
 
 
 def uuid7() -> str:
-    """A UUIDv7 (RFC 9562): 48-bit ms timestamp, version 7, variant 10, 74 random bits.
+    """A UUIDv7 (RFC 9562): 48-bit ms timestamp, version 7, variant 10, then 74 bits that
+    are a counter seeded at random each millisecond (RFC 9562 section 6.2, method 2).
 
-    Sortable by time, so event ids double as a rough order across gateway instances.
-    The random bits come from a per-process PRNG seeded from os.urandom: ids must be
+    Sortable by time, and the ids of one process sort in the order they were made: within
+    a millisecond the counter goes up by one; if the clock steps back, the last millisecond
+    is kept until it catches up (a counter that would overflow moves on to the next one).
+    The random seeds come from a per-process PRNG seeded from os.urandom: ids must be
     unique, not secret, and a syscall per event is measurable on the hot path.
     """
+    global _uuid_low
     ms = time.time_ns() // 1_000_000
-    rand = _rand_bits(80)
-    value = (ms & 0xFFFF_FFFF_FFFF) << 80
-    value |= 0x7 << 76
-    value |= ((rand >> 62) & 0xFFF) << 64
-    value |= 0b10 << 62
-    value |= rand & 0x3FFF_FFFF_FFFF_FFFF
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    with _uuid_lock:  # built on the loop thread, but ids must stay unique from any thread
+        if ms > _uuid_ms:
+            _uuid7_ms(ms)
+        elif _uuid_low < _LOW_MAX:
+            _uuid_low += 1
+        else:  # 2^47 ids in one millisecond: never in practice, but stay monotonic
+            _uuid7_ms(_uuid_ms + 1)
+        return f"{_uuid_head}{_uuid_low:012x}"
 
 
 def now_ms() -> int:
@@ -325,6 +357,156 @@ def call_completed(  # positional too: one per call, like call_decided
         "upstream_answered": upstream_answered,
         "refunded": refunded,
     }
+
+
+# ---- the hot kinds as bytes ---------------------------------------------------------------
+# call.decided and call.completed are written for every call. Their bytes are built here
+# straight from fragments instead of a dict through orjson.dumps: most of their fields are
+# the same call after call (the gateway, the session's fields, the tool, the decision's
+# rule, the policy version), so the JSON of such a run of fields is encoded once by orjson
+# and cached by its values; only the per-call values (ids, ts, request id, arguments,
+# counters) are encoded per call. The bytes are exactly orjson.dumps(<the dict builder>)
+# (tests/schemas/test_events.py pins that, hostile strings included): the byte markers and
+# the consumers see no difference.
+
+_FRAGMENTS: dict[tuple[Any, ...], bytes] = {}
+_FRAGMENTS_MAX = 4096  # values an agent chooses (client name, session) vary: memory stays bounded
+
+
+def _fragment(key: tuple[Any, ...], head: bytes, names: tuple[str, ...], tail: bytes) -> bytes:
+    """``head`` + the JSON members ``names`` = ``key[1:]`` (as orjson writes them) + ``tail``."""
+    if len(_FRAGMENTS) >= _FRAGMENTS_MAX:
+        _FRAGMENTS.clear()
+    members = orjson.dumps(dict(zip(names, key[1:], strict=True)))[1:-1]
+    out = _FRAGMENTS[key] = head + members + tail
+    return out
+
+
+_dumps = orjson.dumps
+_EVENT_HEAD = b'{"schema_version":%d,"event_id":"' % SCHEMA_VERSION
+_DECIDED_GATEWAY = (b",", ("gateway", "kind"), b',"call_id":')
+_DECIDED_CALL = (b",", ("server", "method", "tool"), b',"request_id":')
+_DECIDED_SESSION = (
+    b",",
+    ("grant", "agent", "session", "protocol_version", "client_name", "client_version", "remote"),
+    b',"arguments":',
+)
+_DECIDED_RULE = (b",", ("decision", "rule", "reason"), b',"retry_after_s":')
+_DECIDED_TAIL = (b",", ("policy_version", "shadow", "would_decision", "risk_class", "risk_level"), b"}")
+_COMPLETED_GATEWAY = (b",", ("gateway", "kind"), b',"call_id":')
+_COMPLETED_CALL = (
+    b",",
+    ("server", "method", "tool", "grant", "agent", "session", "outcome"),
+    b',"error_code":',
+)
+_NO_ERROR = b'null,"error_message":null'
+_BOOL = {True: b"true", False: b"false", None: b"null"}
+
+
+def call_decided_bytes(
+    gateway: str,
+    call_id: str,
+    server: str,
+    method: str,
+    tool: str | None,
+    request_id: str | None,
+    grant: str,
+    agent: str,
+    session: str | None,
+    protocol_version: str | None,
+    client_name: str | None,
+    client_version: str | None,
+    remote: str | None,
+    arguments: dict[str, Any] | None,
+    args_sha256: str | None,
+    decision: str,
+    rule: str | None,
+    reason: str | None,
+    retry_after_s: float | None,
+    counters: list[dict[str, Any]],
+    charges: list[dict[str, Any]],
+    policy_version: str | None,
+    shadow: bool,
+    would_decision: str | None,
+    risk_class: str | None,
+    risk_level: str | None,
+) -> bytes:
+    """``orjson.dumps(call_decided(...))``, same parameters, built from cached fragments."""
+    f = _FRAGMENTS
+    k1 = ("dg", gateway, "call.decided")
+    k2 = ("dc", server, method, tool)
+    k3 = ("ds", grant, agent, session, protocol_version, client_name, client_version, remote)
+    k4 = ("dr", decision, rule, reason)
+    k5 = ("dt", policy_version, shadow, would_decision, risk_class, risk_level)
+    return b"".join(
+        (
+            _EVENT_HEAD,
+            uuid7().encode(),
+            b'","ts":%d' % now_ms(),
+            f.get(k1) or _fragment(k1, *_DECIDED_GATEWAY),
+            _dumps(call_id),
+            f.get(k2) or _fragment(k2, *_DECIDED_CALL),
+            _dumps(request_id),
+            f.get(k3) or _fragment(k3, *_DECIDED_SESSION),
+            _dumps(arguments),
+            b',"args_sha256":',
+            _dumps(args_sha256),
+            f.get(k4) or _fragment(k4, *_DECIDED_RULE),
+            _dumps(retry_after_s),
+            b',"counters":',
+            _dumps(counters),
+            b',"charges":',
+            _dumps(charges),
+            f.get(k5) or _fragment(k5, *_DECIDED_TAIL),
+        )
+    )
+
+
+def call_completed_bytes(
+    gateway: str,
+    call_id: str,
+    server: str,
+    method: str,
+    tool: str | None,
+    grant: str,
+    agent: str,
+    session: str | None,
+    outcome: str,
+    error_code: int | None,
+    error_message: str | None,
+    upstream_ms: float | None,
+    response_bytes: int,
+    upstream_answered: bool | None,
+    refunded: bool,
+) -> bytes:
+    """``orjson.dumps(call_completed(...))``, same parameters, built from cached fragments."""
+    f = _FRAGMENTS
+    k1 = ("cg", gateway, "call.completed")
+    k2 = ("cc", server, method, tool, grant, agent, session, outcome)
+    if error_code is None and error_message is None:
+        error = _NO_ERROR
+    else:
+        error = _dumps(error_code) + b',"error_message":' + _dumps(error_message)
+    return b"".join(
+        (
+            _EVENT_HEAD,
+            uuid7().encode(),
+            b'","ts":%d' % now_ms(),
+            f.get(k1) or _fragment(k1, *_COMPLETED_GATEWAY),
+            _dumps(call_id),
+            f.get(k2) or _fragment(k2, *_COMPLETED_CALL),
+            error,
+            b',"upstream_ms":',
+            _dumps(upstream_ms),
+            b',"response_bytes":',
+            _dumps(response_bytes),
+            b',"upstream_answered":',
+            _BOOL[upstream_answered],
+            b',"refunded":',
+            _BOOL[refunded],
+            b"}",
+        )
+    )
 
 
 class SessionOpened(_Event):

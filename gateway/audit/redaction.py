@@ -28,15 +28,40 @@ MASK = "[REDACTED]"
 SENSITIVE_KEY = re.compile(r"token|secret|passw(or)?d|authorization|apikey", re.IGNORECASE)
 
 
+_SENSITIVE: dict[str, bool] = {}
+_SENSITIVE_MAX = 4096  # key names are the agent's: the cache stays bounded
+
+
 def is_sensitive_key(key: str) -> bool:
-    return bool(SENSITIVE_KEY.search(key.replace("_", "").replace("-", "")))
+    hit = _SENSITIVE.get(key)
+    if hit is None:  # the regex once per key name, not once per key per call
+        if len(_SENSITIVE) >= _SENSITIVE_MAX:
+            _SENSITIVE.clear()
+        hit = _SENSITIVE[key] = bool(SENSITIVE_KEY.search(key.replace("_", "").replace("-", "")))
+    return hit
 
 
 def _mask_defaults(value: Any) -> Any:
+    """``value`` with every sensitive key's value masked; ``value`` itself when none is (a
+    copy only of what changes: the common call has nothing to mask and costs no copy)."""
     if isinstance(value, dict):
-        return {k: (MASK if is_sensitive_key(str(k)) else _mask_defaults(v)) for k, v in value.items()}
+        out: dict[Any, Any] | None = None
+        for k, v in value.items():
+            new = MASK if is_sensitive_key(str(k)) else _mask_defaults(v)
+            if new is not v:
+                if out is None:
+                    out = dict(value)
+                out[k] = new
+        return value if out is None else out
     if isinstance(value, list):
-        return [_mask_defaults(v) for v in value]
+        out_list: list[Any] | None = None
+        for i, v in enumerate(value):
+            new = _mask_defaults(v)
+            if new is not v:
+                if out_list is None:
+                    out_list = list(value)
+                out_list[i] = new
+        return value if out_list is None else out_list
     return value
 
 
@@ -66,7 +91,8 @@ def _mask_path(value: Any, parts: list[str]) -> Any:
 
 
 def redact(arguments: dict[str, Any] | None, paths: Iterable[str] = ()) -> dict[str, Any] | None:
-    """A redacted copy of ``arguments`` (the input is never modified)."""
+    """``arguments`` redacted (the input is never modified: what changes is copied, and
+    when nothing is masked the input itself is returned)."""
     if arguments is None:
         return None
     out: Any = arguments

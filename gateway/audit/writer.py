@@ -167,7 +167,7 @@ class AuditAddon(Addon):
     # ---- the write-ahead part --------------------------------------------------------------
 
     async def decided(self, flow: CallFlow) -> None:
-        payload = orjson.dumps(self.decided_event(flow))
+        payload = E.call_decided_bytes(*self._decided_fields(flow))
         batch = self._pending
         self._pending = []
         batch.append(payload)
@@ -179,6 +179,10 @@ class AuditAddon(Addon):
             raise
 
     def decided_event(self, flow: CallFlow) -> dict[str, Any]:
+        """The call.decided event as a dict (decided() writes the same as bytes)."""
+        return E.call_decided(*self._decided_fields(flow))
+
+    def _decided_fields(self, flow: CallFlow) -> tuple[Any, ...]:
         d = flow.decision
         assert d is not None
         session = flow.session
@@ -190,16 +194,19 @@ class AuditAddon(Addon):
             stored = redact(args, paths)
         else:
             stored = None
+        rid = flow.request_id
+        grant = flow.grant
+        risk = flow.risk
         # by position, in CallDecided's field order: keyword arguments cost ~1 us per event
-        return E.call_decided(
+        return (
             self.instance,
             flow.call_id,
             flow.server,
             flow.method,
             flow.tool,
-            id_text(flow.request_id),
-            flow.grant.name,
-            flow.grant.agent,
+            None if rid is None else str(rid) if type(rid) is int else id_text(rid),  # JSON text
+            grant.name,
+            grant.agent,
             session.id if session is not None else None,
             session.protocol_version if session is not None else None,
             session.client_name if session is not None else None,
@@ -221,32 +228,37 @@ class AuditAddon(Addon):
             flow.policy_version,
             d.shadow,
             d.action if d.shadow else None,  # would_decision: what enforcement would have done
-            flow.risk.cls if flow.risk is not None else None,
-            flow.risk.level if flow.risk is not None else None,
+            risk.cls if risk is not None else None,
+            risk.level if risk is not None else None,
         )
 
     # ---- queued events ----------------------------------------------------------------------
 
     def completed(self, flow: CallFlow) -> None:
         session = flow.session
-        ev = E.call_completed(  # by position, in CallCompleted's field order (one per call)
-            self.instance,
-            flow.call_id,
-            flow.server,
-            flow.method,
-            flow.tool,
-            flow.grant.name,
-            flow.grant.agent,
-            session.id if session is not None else None,
-            flow.outcome or "cancelled",
-            flow.error_code,
-            flow.error_message,
-            None if flow.upstream_ms is None else round(flow.upstream_ms, 3),
-            flow.response_bytes,
-            flow.answered,
-            flow.refunded,  # the counter rebuild gives these charges back
+        grant = flow.grant
+        up = flow.upstream_ms
+        self._pending.append(
+            E.call_completed_bytes(  # by position, in CallCompleted's field order (one per call)
+                self.instance,
+                flow.call_id,
+                flow.server,
+                flow.method,
+                flow.tool,
+                grant.name,
+                grant.agent,
+                session.id if session is not None else None,
+                flow.outcome or "cancelled",
+                flow.error_code,
+                flow.error_message,
+                None if up is None else round(up, 3),
+                flow.response_bytes,
+                flow.answered,
+                flow.refunded,  # the counter rebuild gives these charges back
+            )
         )
-        self._queue(ev)
+        if self._timer is None:
+            self._arm()
 
     def session_opened(self, session: Session) -> None:
         ev = E.session_opened(
@@ -423,11 +435,14 @@ class AuditAddon(Addon):
     def _queue(self, ev: dict[str, Any]) -> None:
         self._pending.append(orjson.dumps(ev))
         if self._timer is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return  # not serving yet (policy.loaded at start-up): goes with the first flush
-            self._timer = loop.call_later(self.flush_interval_s, self._flush)
+            self._arm()
+
+    def _arm(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # not serving yet (policy.loaded at start-up): goes with the first flush
+        self._timer = loop.call_later(self.flush_interval_s, self._flush)
 
     def _flush(self) -> None:
         self._timer = None

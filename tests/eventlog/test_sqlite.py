@@ -138,6 +138,34 @@ async def test_concurrent_appends_get_their_own_offsets(db: Path) -> None:
                 assert [by_offset[o] for o in range(first, last + 1)] == payloads
 
 
+async def test_strict_appends_of_one_loop_iteration_share_one_commit(db: Path) -> None:
+    """Group commit: every task that appends in the same loop iteration joins the same
+    transaction (one fsync, one writer wake-up), and the appends made while it is in flight
+    share the next one."""
+    async with SqliteEventLog(db, "strict") as log:
+        sizes = [1 + t % 3 for t in range(100)]
+        first = [asyncio.ensure_future(log.append([b"w1"] * n)) for n in sizes]
+        await asyncio.sleep(0)  # the commit of the first wave is now in flight
+        second = [asyncio.ensure_future(log.append([b"w2"] * n)) for n in sizes]
+        lasts = await asyncio.gather(*first, *second)
+        assert log.stats.batches == 2
+        assert log.stats.records == 2 * sum(sizes)
+        assert sorted(lasts) == lasts  # each wave in task order, the second after the first
+        assert lasts[-1] == 2 * sum(sizes) - 1
+
+
+async def test_one_commit_of_any_size_keeps_its_order(db: Path) -> None:
+    """A commit is one multi-row INSERT of its exact size up to 64 records, chunks beyond."""
+    async with SqliteEventLog(db, "strict") as log:
+        end = 0
+        for n in (1, 63, 64, 65, 300, 777):
+            payloads = [f"{n}-{i}".encode() for i in range(n)]
+            assert await log.append(payloads) == end + n - 1
+            assert [r.payload for r in await log.read(end, 1_000)] == payloads
+            end += n
+        assert log.stats.batches == 6
+
+
 async def test_batched_concurrent_offsets_are_promised_offsets(db: Path) -> None:
     async with SqliteEventLog(db, "batched", flush_interval_ms=1) as log:
 

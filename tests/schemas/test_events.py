@@ -13,6 +13,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from consumers.audit import event_kind
@@ -167,3 +169,64 @@ def test_markers_find_the_events_own_fields_despite_hostile_arguments() -> None:
     assert p[s : p.find(b'"', s)] == b"wa"
     assert not p.startswith(E.ALLOW_MARKER, p.rfind(E.DECISION_MARKER))
     assert p.startswith(b"]", p.rfind(E.CHARGES_MARKER) + len(E.CHARGES_MARKER))
+
+
+# ---- the byte builders of the hot kinds -------------------------------------------------------
+
+BYTE_BUILDERS = [(E.call_decided_bytes, E.CallDecided), (E.call_completed_bytes, E.CallCompleted)]
+
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+_opt_text = st.none() | _text | st.sampled_from(['"', "\\", '","kind":"x', "\u2028", "é"])
+
+
+def _fixed_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dict and the byte builder get the same event_id and ts (unit test of the builders)."""
+    monkeypatch.setattr(E, "uuid7", lambda: "01890a5d-ac96-774b-bcce-b302099a8057")
+    monkeypatch.setattr(E, "now_ms", lambda: 1_700_000_000_123)
+
+
+@pytest.mark.parametrize("nulls", [False, True], ids=["full", "nulls"])
+@pytest.mark.parametrize("fast,model", BYTE_BUILDERS, ids=lambda x: getattr(x, "__name__", ""))
+def test_byte_builders_write_the_dict_builders_bytes(
+    fast: Any, model: type[BaseModel], nulls: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert list(inspect.signature(fast).parameters) == list(inspect.signature(E.BUILDERS[model]).parameters)
+    _fixed_ids(monkeypatch)
+    kw = kwargs_for(model, nulls)
+    for _ in range(2):  # the second time from the cached fragments
+        assert fast(**kw) == orjson.dumps(E.BUILDERS[model](**kw))
+    model.model_validate_json(fast(**kw))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    strs=st.lists(_opt_text, min_size=12, max_size=12),
+    flags=st.lists(st.booleans(), min_size=3, max_size=3),
+    code=st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    ms=st.none() | st.floats(allow_nan=False, allow_infinity=False),
+    args=st.none() | st.dictionaries(_text, st.none() | st.integers(-(2**63), 2**63 - 1) | _text, max_size=3),
+)
+def test_byte_builders_agree_on_any_values(
+    strs: list[str | None],
+    flags: list[bool],
+    code: int | None,
+    ms: float | None,
+    args: dict[str, Any] | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Agent-chosen text (quotes, escapes, a faked key) in every string field, both builders."""
+    _fixed_ids(monkeypatch)
+    s = [x if x is not None else "" for x in strs]
+    decided = (
+        s[0], s[1], s[2], s[3], strs[4], strs[5], s[6], s[7], strs[8], strs[9], strs[10], strs[11],
+        strs[0], args, strs[1], "allow", strs[2], strs[3], ms,
+        [E.counter_state(s[4], "grant", s[5], 60, 1, 2, 3)],
+        [E.counter_charge(s[4], s[5], "grant", 1, 60)],
+        strs[6], flags[0], None if not flags[0] else "deny", None, "low",
+    )  # fmt: skip
+    assert E.call_decided_bytes(*decided) == orjson.dumps(E.call_decided(*decided))
+    completed = (
+        s[0], s[1], s[2], s[3], strs[4], s[6], s[7], strs[8], "jsonrpc_error", code, strs[9], ms, 7,
+        flags[1], flags[2],
+    )  # fmt: skip
+    assert E.call_completed_bytes(*completed) == orjson.dumps(E.call_completed(*completed))
