@@ -129,8 +129,18 @@ class Request(web.BaseRequest):
             # the handler reads the body only after it accepted the request (key checked)
             self._expect_continue = False
             await self._payload_writer.write(_CONTINUE)
-        if self._read_bytes is not None or self._payload.is_eof():
-            return await super().read()
+        data = self._read_bytes
+        if data is not None:
+            return data
+        payload = self._payload
+        if payload.is_eof():
+            # the whole body is buffered already (the usual small POST): take it in one go,
+            # not through aiohttp's readany loop (two awaits, a bytearray and a copy per call)
+            data = payload.read_nowait(-1)  # raises what the parser set (a broken body)
+            if len(data) > self._client_max_size:
+                raise web.HTTPRequestEntityTooLarge(self._client_max_size, len(data))
+            self._read_bytes = data
+            return data
         try:
             async with asyncio.timeout_at(self._body_deadline):
                 return await super().read()
