@@ -42,12 +42,17 @@ from types import TracebackType
 from typing import Any
 
 import orjson
-from aiohttp import web
-from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_response import REASON_PHRASES
+from multidict import CIMultiDict
 
 __all__ = [
+    "Answer",
     "App",
     "EdgeLimits",
     "HttpServer",
@@ -87,10 +92,97 @@ class EdgeLimits:
     lingering_s: float = 2.0  # how long an unread body is drained after the answer
 
 
+_CONTENT_TYPE = hdrs.CONTENT_TYPE
+_CONTENT_LENGTH = hdrs.CONTENT_LENGTH
+_DATE = hdrs.DATE
+_SERVER = hdrs.SERVER
+_CONNECTION = hdrs.CONNECTION
+_NO_BODY_METHODS = frozenset({hdrs.METH_HEAD, hdrs.METH_CONNECT})
+
+
+class Answer(web.Response):
+    """A whole answer with a bytes body (every non-streamed answer of the gateway).
+
+    aiohttp's ``Response`` with its per-answer work cut to what such an answer needs: built
+    without the checks for text, charset and payload bodies, and prepared in one step (no
+    compression, cookies or chunking to consider). The head is still serialised by aiohttp's
+    writer (which refuses CR/LF in a header) with the same headers aiohttp adds; a HEAD, a
+    1xx/204/304 answer or anything unusual takes aiohttp's own path."""
+
+    def __init__(
+        self,
+        body: bytes = b"",
+        status: int = 200,
+        headers: Any = None,
+        content_type: str | None = None,
+    ) -> None:
+        # what StreamResponse/Response.__init__ set for a bytes body (the rest are class defaults)
+        h: CIMultiDict[str] = CIMultiDict(headers) if headers else CIMultiDict()
+        if content_type is not None and _CONTENT_TYPE not in h:
+            h[_CONTENT_TYPE] = content_type
+        self._state = {}
+        self._headers = h
+        self._status = status
+        self._reason = REASON_PHRASES.get(status, "")
+        self._body = body
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        status = self._status
+        if (
+            self._payload_writer is not None
+            or self._eof_sent
+            or self._compression
+            or self._chunked
+            or self._cookies
+            or status < 200
+            or status == 204
+            or status == 304
+            or request.method in _NO_BODY_METHODS
+        ):
+            return await super().prepare(request)
+        self._must_be_empty_body = False
+        self._req = request
+        writer = self._payload_writer = request._payload_writer
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        headers = self._headers
+        body = self._body
+        assert isinstance(body, bytes | bytearray)
+        n = len(body)
+        writer.length = n
+        headers[_CONTENT_LENGTH] = str(n)
+        if n and _CONTENT_TYPE not in headers:
+            headers[_CONTENT_TYPE] = "application/octet-stream"
+        if _DATE not in headers:
+            headers[_DATE] = rfc822_formatted_time()
+        if _SERVER not in headers:
+            headers[_SERVER] = SERVER_SOFTWARE
+        version = request.version
+        if _CONNECTION not in headers:
+            if keep_alive:
+                if version == HttpVersion10:
+                    headers[_CONNECTION] = "keep-alive"
+            elif version == HttpVersion11:
+                headers[_CONNECTION] = "close"
+        await writer.write_headers(f"HTTP/{version[0]}.{version[1]} {status} {self._reason}", headers)
+        return writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        writer = self._payload_writer
+        if self._eof_sent or writer is None or self._must_be_empty_body is not False:
+            return await super().write_eof(data)
+        await writer.write_eof(self._body)  # one write: the buffered head and the body
+        self._eof_sent = True
+        self._req = None
+        self._body_length = writer.output_size
+        self._payload_writer = None
+
+
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """A JSON answer (`doc` as bytes already serialised, or anything orjson serialises)."""
     body = doc if isinstance(doc, bytes) else orjson.dumps(doc)
-    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+    return Answer(body, status, headers, "application/json")
 
 
 def json_error(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
