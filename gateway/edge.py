@@ -44,8 +44,8 @@ from typing import Any
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_response import REASON_PHRASES
