@@ -386,6 +386,11 @@ class _Server(web.Server):
 # ---- the application: routes and lifecycle ---------------------------------------------------
 
 _PARAM = re.compile(r"\{(\w+)(?::([^{}]+))?\}")
+_MAX_MATCHED = 1024  # paths whose pattern route is remembered
+
+
+async def _ready(resp: web.StreamResponse) -> web.StreamResponse:
+    return resp
 
 
 class App:
@@ -399,6 +404,7 @@ class App:
         self.on_shutdown: list[Callable[[], Awaitable[Any]]] = []
         self._exact: dict[str, dict[str, Handler]] = {}
         self._patterns: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+        self._matched: dict[str, tuple[dict[str, Handler], dict[str, str]]] = {}
         self._state: dict[Any, Any] = {}
         self._running: list[AsyncIterator[None]] = []
 
@@ -428,6 +434,7 @@ class App:
                 methods = {}
                 self._patterns.append((re.compile(regex), methods))
         methods[method.upper()] = handler
+        self._matched.clear()
 
     def add_get(self, path: str, handler: Handler) -> None:
         """GET only: HEAD is routed only where added (add_head), so it never runs a GET."""
@@ -442,29 +449,47 @@ class App:
     def add_delete(self, path: str, handler: Handler) -> None:
         self.add_route("DELETE", path, handler)
 
-    async def handle(self, req: Request) -> web.StreamResponse:  # type: ignore[override]
-        """The one handler of the low-level server: checks, route, call."""
+    def handle(self, req: Request) -> Awaitable[web.StreamResponse]:
+        """The one handler of the low-level server: checks, route, call.
+
+        A plain function returning the handler's coroutine (aiohttp awaits it): one coroutine
+        and one frame less on every resumption of every request."""
         if req.version not in _VERSIONS:
-            return json_error(505, "http_version_not_supported", "HTTP Version Not Supported: use 1.0 or 1.1")
+            return _ready(
+                json_error(505, "http_version_not_supported", "HTTP Version Not Supported: use 1.0 or 1.1")
+            )
         expect = req.headers.get("Expect")
         if expect is not None and expect.lower() != "100-continue":
-            return json_error(417, "expectation_failed", f"Expectation Failed: {expect[:64]!r}")
+            return _ready(json_error(417, "expectation_failed", f"Expectation Failed: {expect[:64]!r}"))
         path = req.path
         methods = self._exact.get(path)
         if methods is None:
-            for pattern, ms in self._patterns:
-                m = pattern.fullmatch(path)
-                if m is not None:
-                    methods = ms
-                    req.match_info = m.groupdict()
-                    break
-            else:
-                return json_error(404, "not_found", f"no route for {path[:200]}")
+            hit = self._matched.get(path)
+            if hit is None:
+                hit = self._match(path)
+                if hit is None:
+                    return _ready(json_error(404, "not_found", f"no route for {path[:200]}"))
+            methods, params = hit
+            req.match_info = dict(params)
         handler = methods.get(req.method)
         if handler is None:
             allow = ", ".join(sorted(methods))
-            return json_error(405, "method_not_allowed", f"{req.method} not allowed here", {"Allow": allow})
-        return await handler(req)
+            return _ready(
+                json_error(405, "method_not_allowed", f"{req.method} not allowed here", {"Allow": allow})
+            )
+        return handler(req)
+
+    def _match(self, path: str) -> tuple[dict[str, Handler], dict[str, str]] | None:
+        """The pattern route of ``path`` and its parameters, remembered (a bounded cache: paths
+        come from clients, so a flood of distinct ones only clears it)."""
+        for pattern, ms in self._patterns:
+            m = pattern.fullmatch(path)
+            if m is not None:
+                if len(self._matched) >= _MAX_MATCHED:
+                    self._matched.clear()
+                hit = self._matched[path] = (ms, m.groupdict())
+                return hit
+        return None
 
     async def startup(self) -> None:
         for ctx in self.cleanup_ctx:

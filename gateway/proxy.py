@@ -446,7 +446,8 @@ class Proxy:
                     resp = self._refuse(flow, decision)
                     flow.finish("cancelled", message=WENT_AWAY)
                     return resp if held is None else held
-                return await self._held_answer(held, self._refuse(flow, decision))
+                resp = self._refuse(flow, decision)
+                return resp if held is None else await self._held_answer(held, resp)
             transform = self._tools_filter(server) if method == "tools/list" else None
             session.active += 1
             task = asyncio.current_task()
@@ -454,9 +455,8 @@ class Proxy:
                 self._forwarding[task] = flow
                 self._drained.clear()
             try:
-                return await self._held_answer(
-                    held, await self._forward(flow, inbound, session, upstream, transform, on_open, held)
-                )
+                resp = await self._forward(flow, inbound, session, upstream, transform, on_open, held)
+                return resp if held is None else await self._held_answer(held, resp)
             except Exception:
                 if inbound.started:
                     raise  # the answer's head is out: only closing the connection is left
