@@ -46,6 +46,7 @@ from typing import Any
 import orjson
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.compression_utils import MAX_SYNC_CHUNK_SIZE
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError
@@ -110,6 +111,10 @@ class Answer(web.Response):
     compression, cookies or chunking to consider). The head is still serialised by aiohttp's
     writer (which refuses CR/LF in a header) with the same headers aiohttp adds; a HEAD, a
     1xx/204/304 answer or anything unusual takes aiohttp's own path."""
+
+    # set by Response.__init__, which is not called: read only if someone compresses an Answer
+    _zlib_executor_size = MAX_SYNC_CHUNK_SIZE
+    _zlib_executor = None
 
     def __init__(
         self,
