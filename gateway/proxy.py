@@ -41,7 +41,7 @@ from gateway.approvals_live import LiveApprovals
 from gateway.audit.hooks import Addon
 from gateway.audit.redaction import args_sha256
 from gateway.auth import Authenticator, Grant, failure_reason
-from gateway.edge import Request, json_error, json_response
+from gateway.edge import Answer, Request, json_error, json_response
 from gateway.http.sse import format_event
 from gateway.mcp import jsonrpc
 from gateway.mcp.flow import CallFlow
@@ -446,7 +446,8 @@ class Proxy:
                     resp = self._refuse(flow, decision)
                     flow.finish("cancelled", message=WENT_AWAY)
                     return resp if held is None else held
-                return await self._held_answer(held, self._refuse(flow, decision))
+                resp = self._refuse(flow, decision)
+                return resp if held is None else await self._held_answer(held, resp)
             transform = self._tools_filter(server) if method == "tools/list" else None
             session.active += 1
             task = asyncio.current_task()
@@ -454,9 +455,8 @@ class Proxy:
                 self._forwarding[task] = flow
                 self._drained.clear()
             try:
-                return await self._held_answer(
-                    held, await self._forward(flow, inbound, session, upstream, transform, on_open, held)
-                )
+                resp = await self._forward(flow, inbound, session, upstream, transform, on_open, held)
+                return resp if held is None else await self._held_answer(held, resp)
             except Exception:
                 if inbound.started:
                     raise  # the answer's head is out: only closing the connection is left
@@ -682,7 +682,7 @@ class Proxy:
                     message=f"upstream answered HTTP {status}",
                     nbytes=len(data),
                 )
-        return Response(body=data, status=status, headers=headers)
+        return Answer(data, status, headers)
 
     @staticmethod
     def _observe_json(flow: CallFlow, data: bytes, transform: Transform | None) -> bytes:
@@ -851,7 +851,7 @@ class Proxy:
             headers["Mcp-Session-Id"] = session.id
         if reply.message is not None:
             return json_response(reply.message, reply.status, headers)
-        return Response(body=reply.body, status=reply.status, headers=headers)
+        return Answer(reply.body or b"", reply.status, headers)
 
     async def _refuse_notification(
         self, req: Request, msg: dict[str, Any], grant: Grant, server: str, session: Session
