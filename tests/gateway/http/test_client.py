@@ -341,6 +341,33 @@ async def test_read_timeout_is_idle_time_not_total_time(up: tuple[Upstream, str]
     assert await resp.read() == b"xxxxxx"  # 0.6 s in all, never 0.35 s without a byte
 
 
+async def test_one_pool_timer_serves_waits_with_different_deadlines(
+    up: tuple[Upstream, str], pool: UpstreamPool
+) -> None:
+    """The pool's single deadline timer: a short wait started after a long one still times
+    out (the timer is moved earlier), the long one survives it, and a later short one is
+    checked again (the timer is re-armed for the next due wait)."""
+    u, _ = up
+    release = asyncio.Event()
+
+    async def stall(req: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(body=b"late")
+
+    u.handler = stall
+    long_wait = asyncio.ensure_future(pool.request("POST", {}, b"{}", read_timeout=30))
+    await asyncio.sleep(0)
+    with pytest.raises(UpstreamTimeout):
+        await pool.request("POST", {}, b"{}", read_timeout=0.1)
+    assert not long_wait.done()
+    with pytest.raises(UpstreamTimeout):  # after a sweep: the timer was re-armed for the long wait
+        await pool.request("POST", {}, b"{}", read_timeout=0.1)
+    assert not long_wait.done()
+    release.set()
+    resp = await long_wait
+    assert await resp.read() == b"late"
+
+
 async def test_connection_refused() -> None:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
