@@ -111,6 +111,26 @@ _BIG_BODY = 64 * 1024  # above this, the body is handed to writelines() rather t
 _NO_BODY_STATUS = (204, 304)
 _EMPTY_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 _RESERVED = ("\nhost:", "\ncontent-length:", "\ntransfer-encoding:")
+_MAX_NAMES = 256
+# header name as received -> lower-cased str: filled as names arrive (bounded by _MAX_NAMES);
+# the usual ones up front, in the spellings servers use
+_NAMES: dict[bytes, str] = {
+    n: n.decode().lower()
+    for name in (
+        b"Content-Type",
+        b"Content-Length",
+        b"Transfer-Encoding",
+        b"Connection",
+        b"Keep-Alive",
+        b"Date",
+        b"Server",
+        b"Mcp-Session-Id",
+        b"Cache-Control",
+        b"X-Accel-Buffering",
+        b"Allow",
+    )
+    for n in (name, name.lower(), name.replace(b"Id", b"ID"))
+}
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
@@ -147,10 +167,10 @@ class _Conn(asyncio.Protocol):
         "_armed",
         "_deadline",
         "_head",
-        "_head_bytes",
-        "_head_lines",
+        "_head_room",
         "_headers",
         "_info",
+        "_lines_room",
         "_loop",
         "_mark",
         "_parser",
@@ -179,8 +199,8 @@ class _Conn(asyncio.Protocol):
         self._armed = False  # the waiter has a deadline: the pool's timer checks it
         self._timeout = 0.0
         self._deadline = math.inf  # the head's deadline while it is awaited
-        self._head_bytes = 0
-        self._head_lines = 0
+        self._head_room = 0  # bytes the head may still take (pool.max_head_bytes)
+        self._lines_room = 0  # header lines it may still take (pool.max_headers)
         self._mark = 0.0
         self._paused = False
         self._rx = False
@@ -286,24 +306,27 @@ class _Conn(asyncio.Protocol):
         resp = self.resp
         if resp is None or resp._done:
             raise _Unexpected("data from upstream with no request outstanding")
-        self._head_bytes = 0
-        self._head_lines = 0
+        self._head_room = self._pool.max_head_bytes
+        self._lines_room = self._pool.max_headers
 
     def on_status(self, status: bytes) -> None:
-        self._head_bytes += len(status)
-        if self._head_bytes > self._pool.max_head_bytes:
+        self._head_room -= len(status)
+        if self._head_room < 0:
             raise _TooLarge(f"upstream status line over {self._pool.max_head_bytes} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # llhttp buffers nothing itself: without these checks, headers grow the dict unbounded
-        pool = self._pool
-        self._head_lines += 1
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > pool.max_head_bytes:
-            raise _TooLarge(f"upstream head over {pool.max_head_bytes} bytes")
-        if self._head_lines > pool.max_headers:
-            raise _TooLarge(f"upstream head over {pool.max_headers} header lines")
-        k = name.decode("latin-1").lower()
+        self._lines_room -= 1
+        self._head_room -= len(name) + len(value) + 4
+        if self._head_room < 0:
+            raise _TooLarge(f"upstream head over {self._pool.max_head_bytes} bytes")
+        if self._lines_room < 0:
+            raise _TooLarge(f"upstream head over {self._pool.max_headers} header lines")
+        k = _NAMES.get(name)
+        if k is None:
+            k = name.decode("latin-1").lower()
+            if len(_NAMES) < _MAX_NAMES:  # bounded: a hostile upstream's made-up names are not kept
+                _NAMES[name] = k
         v = value.decode("utf-8", "surrogateescape")
         h = self._headers
         old = h.get(k)
@@ -438,22 +461,24 @@ class Response:
             limit = self._limit
         else:
             self._limit = limit
-        self._all = True
-        try:
-            while not self._done:
-                if self._exc is not None:
-                    raise self._exc
-                if limit is not None and self._size > limit:
-                    raise UpstreamError(f"upstream body larger than {limit} bytes")
-                await self._wait()
-        except BaseException:
-            self.release()
-            raise
+        if not self._done:  # (usually the whole body came with the head: no wait at all)
+            self._all = True
+            try:
+                while not self._done:
+                    if self._exc is not None:
+                        raise self._exc
+                    if limit is not None and self._size > limit:
+                        raise UpstreamError(f"upstream body larger than {limit} bytes")
+                    await self._wait()
+            except BaseException:
+                self.release()
+                raise
         chunks = self._chunks
+        size = self._size  # == the length of chunks: on_body counts what it appends
         self._chunks = []
         self._size = 0
         self.release()
-        if limit is not None and sum(map(len, chunks)) > limit:
+        if limit is not None and size > limit:
             raise UpstreamError(f"upstream body larger than {limit} bytes")
         if len(chunks) == 1:
             return chunks[0]
@@ -623,7 +648,10 @@ class UpstreamPool:
         resp = Response(conn, read_timeout, deadline)
         conn.start(resp, head, body, is_head)
         try:
-            await resp._wait_headers()
+            while not resp.status:
+                if resp._exc is not None:
+                    raise resp._exc
+                await resp._wait()
         except _Stale:
             resp.release()
             conn = await self._connect()
