@@ -21,7 +21,8 @@ Request: the request line, the caller's headers, ``Host`` (from the URL) and
 ``Content-Length`` (when there is a body, or ``0`` for a body-less POST/PUT/PATCH) are
 sent in one write; nothing else is added (no User-Agent, no Accept-Encoding). The caller
 must not pass Host, Content-Length or Transfer-Encoding (``ValueError``), nor CR/LF in a
-header (``ValueError``).
+header (``ValueError``). Headers sent with many requests can be checked and serialised
+once: ``pool.prepare(headers)`` returns ``Headers`` (bytes) that ``request`` sends as is.
 
 Response: ``status`` (int) and ``headers``, a plain ``dict`` whose keys are lower-cased
 header names (repeated headers are joined with ``", "``), so
@@ -99,6 +100,7 @@ import httptools
 
 __all__ = [
     "ConnectTimeout",
+    "Headers",
     "Response",
     "UpstreamError",
     "UpstreamPool",
@@ -132,6 +134,13 @@ _NAMES: dict[bytes, str] = {
     for n in (name, name.lower(), name.replace(b"Id", b"ID"))
 }
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+class Headers(bytes):
+    """Request header lines serialised and checked once by ``UpstreamPool.prepare``: pass
+    them as ``headers`` to any number of requests (nothing is checked or encoded again)."""
+
+    __slots__ = ()
 
 
 class UpstreamError(Exception):
@@ -214,18 +223,17 @@ class _Conn(asyncio.Protocol):
 
     # -- request side -------------------------------------------------------------
 
-    def start(self, resp: Response, head: bytes, body: bytes | None, is_head: bool) -> None:
+    def start(self, resp: Response, data: bytes, rest: bytes | None, is_head: bool) -> None:
+        """Send ``data`` (the head, with the body when small) and ``rest`` (a big body)."""
         self.resp = resp
         self._headers = resp.headers
         self._rx = False
         self._until_eof = False
         self._head = is_head
-        if body is None or not body:
-            self.transport.write(head)  # type: ignore[union-attr]
-        elif len(body) <= _BIG_BODY:
-            self.transport.write(head + body)  # type: ignore[union-attr]
+        if rest is None:
+            self.transport.write(data)  # type: ignore[union-attr]
         else:
-            self.transport.writelines((head, body))  # type: ignore[union-attr]
+            self.transport.writelines((data, rest))  # type: ignore[union-attr]
 
     def abort(self) -> None:
         self.reusable = False
@@ -572,7 +580,7 @@ class UpstreamPool:
         self.max_body_bytes = max_body_bytes
         self._max_idle = max_idle
         self._idle_timeout = idle_timeout
-        self._prefixes: dict[str, str] = {}
+        self._prefixes: dict[str, bytes] = {}
         self._idle: list[_Conn] = []
         self._conns: set[_Conn] = set()
         self._closed = False
@@ -584,48 +592,61 @@ class UpstreamPool:
 
     # -- request ------------------------------------------------------------------
 
-    def _prefix(self, method: str, path: str) -> str:
+    def _prefix(self, method: str, path: str) -> bytes:
         if not method or not _TOKEN.issuperset(method):
             raise ValueError(f"bad HTTP method {method!r}")
         if not path or any(c in path for c in " \r\n\t\x00"):
             raise ValueError(f"bad request path {path!r}")
-        return f"{method} {path} HTTP/1.1\r\n{self._host_line}"
+        return f"{method} {path} HTTP/1.1\r\n{self._host_line}".encode()
+
+    def prepare(self, headers: list[tuple[str, str]] | dict[str, str] | Any) -> Headers:
+        """Header lines serialised and checked once, for many requests (see ``Headers``).
+        Raises ``ValueError`` as ``request()`` would (CR/LF, Host, Content-Length...)."""
+        return Headers(self._blob(headers))
+
+    @staticmethod
+    def _blob(headers: list[tuple[str, str]] | dict[str, str] | Any) -> bytes:
+        if not isinstance(headers, (list, tuple)):
+            headers = list(headers.items())
+        if not headers:
+            return b""
+        blob = "".join([f"{k}: {v}\r\n" for k, v in headers])
+        n = len(headers)
+        if blob.count("\n") != n or blob.count("\r") != n:
+            raise ValueError("CR or LF in a request header")
+        low = "\n" + blob.lower()
+        if _RESERVED[0] in low or _RESERVED[1] in low or _RESERVED[2] in low:
+            raise ValueError("Host, Content-Length and Transfer-Encoding are set by UpstreamPool")
+        return blob.encode()
 
     def _serialize(
         self,
         method: str,
-        headers: list[tuple[str, str]] | dict[str, str] | Any,
+        headers: Headers | list[tuple[str, str]] | dict[str, str] | Any,
         body: bytes | None,
         path: str | None,
-    ) -> bytes:
+    ) -> tuple[bytes, bytes | None]:
+        """The bytes to send: (head with the body when it is small, the big body or None)."""
         if path is None:
             prefix = self._prefixes.get(method)
             if prefix is None:
                 prefix = self._prefixes[method] = self._prefix(method, self._path)
         else:
             prefix = self._prefix(method, path)
-        if not isinstance(headers, (list, tuple)):
-            headers = headers.items()
-        if headers:
-            blob = "".join([f"{k}: {v}\r\n" for k, v in headers])
-            n = len(headers)
-            if blob.count("\n") != n or blob.count("\r") != n:
-                raise ValueError("CR or LF in a request header")
-            low = "\n" + blob.lower()
-            if _RESERVED[0] in low or _RESERVED[1] in low or _RESERVED[2] in low:
-                raise ValueError("Host, Content-Length and Transfer-Encoding are set by UpstreamPool")
-        else:
-            blob = ""
+        blob = headers if type(headers) is Headers else self._blob(headers)
         if body is not None:
-            return f"{prefix}{blob}Content-Length: {len(body)}\r\n\r\n".encode()
+            n = len(body)
+            if n > _BIG_BODY:
+                return b"%s%sContent-Length: %d\r\n\r\n" % (prefix, blob, n), body
+            return b"%s%sContent-Length: %d\r\n\r\n%s" % (prefix, blob, n, body), None
         if method in _EMPTY_BODY_METHODS:
-            return f"{prefix}{blob}Content-Length: 0\r\n\r\n".encode()
-        return f"{prefix}{blob}\r\n".encode()
+            return b"%s%sContent-Length: 0\r\n\r\n" % (prefix, blob), None
+        return b"%s%s\r\n" % (prefix, blob), None
 
     async def request(
         self,
         method: str,
-        headers: list[tuple[str, str]] | dict[str, str],
+        headers: Headers | list[tuple[str, str]] | dict[str, str],
         body: bytes | None = None,
         *,
         read_timeout: float | None = 60.0,
@@ -637,7 +658,7 @@ class UpstreamPool:
         ``path`` (with any query) overrides the URL's. ``head_timeout`` (default:
         ``read_timeout``) is the deadline for the whole head. Raises ``UpstreamError`` /
         ``UpstreamTimeout``; see the module docstring for the one retry."""
-        head = self._serialize(method, headers, body, path)
+        data, rest = self._serialize(method, headers, body, path)
         is_head = method == "HEAD"
         conn = self._pop_idle()
         if conn is None:
@@ -646,7 +667,7 @@ class UpstreamPool:
             head_timeout = read_timeout
         deadline = math.inf if head_timeout is None else conn._loop.time() + head_timeout
         resp = Response(conn, read_timeout, deadline)
-        conn.start(resp, head, body, is_head)
+        conn.start(resp, data, rest, is_head)
         try:
             while not resp.status:
                 if resp._exc is not None:
@@ -656,7 +677,7 @@ class UpstreamPool:
             resp.release()
             conn = await self._connect()
             resp = Response(conn, read_timeout, deadline)
-            conn.start(resp, head, body, is_head)
+            conn.start(resp, data, rest, is_head)
             try:
                 await resp._wait_headers()
             except BaseException:

@@ -137,6 +137,28 @@ async def test_bad_request_headers_are_refused(pool: UpstreamPool) -> None:
         await pool.request("GET", [("host", "evil")])
     with pytest.raises(ValueError):
         await pool.request("GET /x", {})
+    # prepared once: the same checks, at prepare() time
+    with pytest.raises(ValueError):
+        pool.prepare({"X-A": "1\r\nX-Injected: 2"})
+    with pytest.raises(ValueError):
+        pool.prepare([("Transfer-Encoding", "chunked")])
+
+
+async def test_prepared_headers_are_sent_as_given(up: tuple[Upstream, str], pool: UpstreamPool) -> None:
+    u, url = up
+    u.handler = Upstream.echo
+    prepared = pool.prepare([("Accept", "application/json"), ("Mcp-Session-Id", "abc")])
+    for body in (b'{"a":1}', None):  # reused: one request with a body, one without
+        resp = await pool.request("POST", prepared, body)
+        got = orjson.loads(await resp.read())
+        sent = {k.lower(): v for k, v in got["headers"]}
+        assert sent == {
+            "host": url.split("//")[1].split("/")[0],
+            "accept": "application/json",
+            "mcp-session-id": "abc",
+            "content-length": str(len(body or b"")),
+        }
+        assert got["n"] == len(body or b"")
 
 
 async def test_202_and_204_without_body_keep_the_connection(
