@@ -441,7 +441,7 @@ class Response:
             conn._armed = True
             due = min(now + conn._timeout, deadline)
             pool = conn._pool
-            if due < pool._sweep_at:
+            if due < pool._sweep_at or pool._sweep_loop is not loop:
                 pool._arm(due, loop)
         try:
             await fut
@@ -586,6 +586,7 @@ class UpstreamPool:
         self._closed = False
         self._sweep: asyncio.TimerHandle | None = None  # the one deadline timer (see Timeouts)
         self._sweep_at = math.inf
+        self._sweep_loop: asyncio.AbstractEventLoop | None = None  # (a pool may outlive a loop)
 
     def __repr__(self) -> str:
         return f"<UpstreamPool {self.url} idle={len(self._idle)} open={len(self._conns)}>"
@@ -607,7 +608,7 @@ class UpstreamPool:
     @staticmethod
     def _blob(headers: list[tuple[str, str]] | dict[str, str] | Any) -> bytes:
         if not isinstance(headers, (list, tuple)):
-            headers = list(headers.items())
+            headers = headers.items()
         if not headers:
             return b""
         blob = "".join([f"{k}: {v}\r\n" for k, v in headers])
@@ -691,9 +692,10 @@ class UpstreamPool:
     # -- deadlines ----------------------------------------------------------------
 
     def _arm(self, due: float, loop: asyncio.AbstractEventLoop) -> None:
-        if self._sweep is not None:
+        if self._sweep is not None and self._sweep_loop is loop:
             self._sweep.cancel()
         self._sweep_at = due
+        self._sweep_loop = loop
         self._sweep = loop.call_at(due, self._on_sweep, loop)
 
     def _on_sweep(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -641,3 +641,33 @@ def test_under_uvloop() -> None:
             await server.close()
 
     uvloop.run(scenario())
+
+
+def test_a_pool_that_outlives_its_event_loop_still_times_out() -> None:
+    """The pool's deadline timer belongs to a loop: on a new loop the first wait arms a new
+    one, even though the old loop's (now dead) timer was due earlier."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # the kernel completes the connects; nothing ever answers
+    pool = UpstreamPool(f"http://127.0.0.1:{listener.getsockname()[1]}/mcp")
+
+    async def arm_and_leave() -> None:
+        task = asyncio.ensure_future(pool.request("POST", {}, b"{}", read_timeout=1))
+        for _ in range(10_000):  # until the request waits for its answer (its deadline armed)
+            if pool._sweep is not None:
+                break
+            await asyncio.sleep(0)
+        assert pool._sweep is not None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def stalled() -> None:
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(pool.request("POST", {}, b"{}", read_timeout=2), 30)
+        await pool.close()
+
+    try:
+        uvloop.run(arm_and_leave())
+        uvloop.run(stalled())
+    finally:
+        listener.close()
