@@ -137,6 +137,28 @@ async def test_bad_request_headers_are_refused(pool: UpstreamPool) -> None:
         await pool.request("GET", [("host", "evil")])
     with pytest.raises(ValueError):
         await pool.request("GET /x", {})
+    # prepared once: the same checks, at prepare() time
+    with pytest.raises(ValueError):
+        pool.prepare({"X-A": "1\r\nX-Injected: 2"})
+    with pytest.raises(ValueError):
+        pool.prepare([("Transfer-Encoding", "chunked")])
+
+
+async def test_prepared_headers_are_sent_as_given(up: tuple[Upstream, str], pool: UpstreamPool) -> None:
+    u, url = up
+    u.handler = Upstream.echo
+    prepared = pool.prepare([("Accept", "application/json"), ("Mcp-Session-Id", "abc")])
+    for body in (b'{"a":1}', None):  # reused: one request with a body, one without
+        resp = await pool.request("POST", prepared, body)
+        got = orjson.loads(await resp.read())
+        sent = {k.lower(): v for k, v in got["headers"]}
+        assert sent == {
+            "host": url.split("//")[1].split("/")[0],
+            "accept": "application/json",
+            "mcp-session-id": "abc",
+            "content-length": str(len(body or b"")),
+        }
+        assert got["n"] == len(body or b"")
 
 
 async def test_202_and_204_without_body_keep_the_connection(
@@ -339,6 +361,33 @@ async def test_read_timeout_is_idle_time_not_total_time(up: tuple[Upstream, str]
     u.handler = trickle
     resp = await pool.request("GET", {}, read_timeout=0.35)
     assert await resp.read() == b"xxxxxx"  # 0.6 s in all, never 0.35 s without a byte
+
+
+async def test_one_pool_timer_serves_waits_with_different_deadlines(
+    up: tuple[Upstream, str], pool: UpstreamPool
+) -> None:
+    """The pool's single deadline timer: a short wait started after a long one still times
+    out (the timer is moved earlier), the long one survives it, and a later short one is
+    checked again (the timer is re-armed for the next due wait)."""
+    u, _ = up
+    release = asyncio.Event()
+
+    async def stall(req: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(body=b"late")
+
+    u.handler = stall
+    long_wait = asyncio.ensure_future(pool.request("POST", {}, b"{}", read_timeout=30))
+    await asyncio.sleep(0)
+    with pytest.raises(UpstreamTimeout):
+        await pool.request("POST", {}, b"{}", read_timeout=0.1)
+    assert not long_wait.done()
+    with pytest.raises(UpstreamTimeout):  # after a sweep: the timer was re-armed for the long wait
+        await pool.request("POST", {}, b"{}", read_timeout=0.1)
+    assert not long_wait.done()
+    release.set()
+    resp = await long_wait
+    assert await resp.read() == b"late"
 
 
 async def test_connection_refused() -> None:
@@ -592,3 +641,33 @@ def test_under_uvloop() -> None:
             await server.close()
 
     uvloop.run(scenario())
+
+
+def test_a_pool_that_outlives_its_event_loop_still_times_out() -> None:
+    """The pool's deadline timer belongs to a loop: on a new loop the first wait arms a new
+    one, even though the old loop's (now dead) timer was due earlier."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # the kernel completes the connects; nothing ever answers
+    pool = UpstreamPool(f"http://127.0.0.1:{listener.getsockname()[1]}/mcp")
+
+    async def arm_and_leave() -> None:
+        task = asyncio.ensure_future(pool.request("POST", {}, b"{}", read_timeout=1))
+        for _ in range(10_000):  # until the request waits for its answer (its deadline armed)
+            if pool._sweep is not None:
+                break
+            await asyncio.sleep(0)
+        assert pool._sweep is not None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def stalled() -> None:
+        with pytest.raises(UpstreamTimeout):
+            await asyncio.wait_for(pool.request("POST", {}, b"{}", read_timeout=2), 30)
+        await pool.close()
+
+    try:
+        uvloop.run(arm_and_leave())
+        uvloop.run(stalled())
+    finally:
+        listener.close()

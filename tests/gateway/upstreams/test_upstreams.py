@@ -192,6 +192,35 @@ async def test_http_refuses_an_unsendable_header_and_sends_nothing(http) -> None
     assert rec.seen == []
 
 
+async def test_http_headers_follow_each_call_though_the_block_is_cached(http) -> None:
+    """The header block is cached per (agent values, upstream session): a changed value, a
+    new upstream session or a traceparent reaches the upstream; a refused value stays refused."""
+    up, rec = http
+    s = new_session()
+    s.upstream_session = "up-a"
+    await up.request(inbound(tool_call(1, "echo"), User_Agent="ua-1"), s, False)
+    await up.request(inbound(tool_call(2, "echo"), User_Agent="ua-1"), s, False)
+    await up.request(inbound(tool_call(3, "echo"), User_Agent="ua-2"), s, False)
+    s.upstream_session = "up-b"
+    await up.request(inbound(tool_call(4, "echo"), User_Agent="ua-2"), s, False)
+    traced = inbound(tool_call(5, "echo"), User_Agent="ua-2")
+    traced.traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await up.request(traced, s, False)
+    lowered = [{k.lower(): v for k, v in h.items()} for _, h, _ in rec.seen]
+    seen = [(h.get("user-agent"), h.get("mcp-session-id"), h.get("traceparent")) for h in lowered]
+    assert seen == [
+        ("ua-1", "up-a", None),
+        ("ua-1", "up-a", None),
+        ("ua-2", "up-a", None),
+        ("ua-2", "up-b", None),
+        ("ua-2", "up-b", traced.traceparent),
+    ]
+    for _ in range(2):  # refused each time, never cached
+        with pytest.raises(Refused):
+            await up.request(inbound(tool_call(6, "echo"), User_Agent="a\rb"), s, False)
+    assert len(rec.seen) == 5
+
+
 async def test_http_unreachable_is_an_unsent_failure() -> None:
     up = HttpUpstream("down", f"http://127.0.0.1:{free_port()}/mcp", 5.0)
     try:
