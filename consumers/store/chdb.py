@@ -49,6 +49,9 @@ _SESSION_SETTINGS = (
     "SET input_format_null_as_default = 1",
     "SET date_time_input_format = 'best_effort'",
     "SET session_timezone = 'UTC'",
+    # a consumer's insert is one block of a few MB: parsing it in one thread costs ~10 % less
+    # CPU per event than splitting it over parser threads (measured, issue 18)
+    "SET input_format_parallel_parsing = 0",
 )
 _WRAPPERS = re.compile(r"^(Nullable|LowCardinality)\((.*)\)$")
 _TZ = re.compile(r"'([^']+)'")
