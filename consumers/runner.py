@@ -112,16 +112,21 @@ class LogConsumer:
 
         If ClickHouse rejects the batch (a record the fast path let through is not valid
         JSON), the batch is re-selected with full parsing and inserted once more."""
-        payloads = self.select(records)
+        routed = self.routed(records)
         try:
-            for table, part in self.route(payloads):
+            for table, part in routed:
                 await self.store.insert_json(table, part)
         except StoreError:
-            payloads = self.select(records, strict=True)
-            for table, part in self.route(payloads):
+            routed = self.routed(records, strict=True)
+            for table, part in routed:
                 await self.store.insert_json(table, part)  # idempotent: a re-insert collapses
-        self.inserted += len(payloads)
-        return len(payloads)
+        n = sum(len(part) for _, part in routed)
+        self.inserted += n
+        return n
+
+    def routed(self, records: Sequence[Record], *, strict: bool = False) -> list[tuple[str, list[bytes]]]:
+        """(table, payloads) to insert for ``records``: ``route(select(records))``."""
+        return self.route(self.select(records, strict=strict))
 
     async def _consume(self, records: Sequence[Record], *, commit: bool = True) -> None:
         await self.process(records)
