@@ -16,15 +16,23 @@ not look like the gateway's compact JSON are parsed with ``decode_raw`` first.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
 
 from consumers.runner import LogConsumer
 from consumers.store import AuditStore
-from eventlog.base import EventLog
-from schemas.events import ALERT_KINDS, APPROVAL_KINDS, CALL_KINDS, KIND_MARKER, SECURITY_KINDS, decode_raw
+from eventlog.base import EventLog, Record
+from schemas.events import (
+    ALERT_KINDS,
+    APPROVAL_KINDS,
+    CALL_KINDS,
+    EVENT_ID_MARKER,
+    KIND_MARKER,
+    SECURITY_KINDS,
+    decode_raw,
+)
 
 log_ = logging.getLogger(__name__)
 
@@ -90,3 +98,42 @@ class AuditConsumer(LogConsumer):
 
     def __init__(self, log: EventLog, store: AuditStore, name: str = "audit", *, batch: int = 50_000) -> None:
         super().__init__(log, store, name, batch=batch)
+        # the kind's bytes as they sit in a compact payload -> its table
+        self._tables: dict[bytes, str] = {}
+        for table, kinds in (
+            (self.security_table, self._security),
+            (self.table, self._calls),
+            (self.alerts_table, self._alerts),
+            (self.approvals_table, self._approvals),
+        ):
+            for kind in kinds:
+                self._tables.setdefault(kind.encode(), table)
+
+    def routed(self, records: Sequence[Record], *, strict: bool = False) -> list[tuple[str, list[bytes]]]:
+        """select() and route() in one pass (loop thread, every record): the gateway's compact
+        payloads go by the kind at their FIRST marker straight to its table, as route() would
+        send them; anything else (and everything when ``strict``) takes select() + route()."""
+        if strict:
+            return super().routed(records, strict=True)
+        tables = self._tables
+        parts: dict[str, list[bytes]] = {}
+        rest: list[Record] = []
+        for rec in records:
+            p = rec.payload
+            if p[:1] == b"{" and EVENT_ID_MARKER in p:
+                k = p.find(KIND_MARKER)
+                if k >= 0:
+                    end = p.find(b'"', k + _KIND_LEN)
+                    table = tables.get(p[k + _KIND_LEN : end]) if end > 0 else None
+                    if table is not None:
+                        part = parts.get(table)
+                        if part is None:
+                            part = parts[table] = []
+                        part.append(p)
+                    # else: a kind without a table; select() may keep it, route() drops it
+                    continue
+            rest.append(rec)
+        if rest:
+            for table, part in self.route(self.select(rest)):
+                parts.setdefault(table, []).extend(part)
+        return list(parts.items())

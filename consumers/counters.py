@@ -8,6 +8,13 @@ replaying events never changes a count (no FINAL needed, merges keep it exact). 
 price is ~16 bytes of state per call, fine for audit volumes; a deployment that wants
 less can drop old partitions (one per month). ``tool`` is the JSON-RPC method for
 requests that are not tools/call.
+
+The audit insert fills ``counters_minute`` too (009_counters_from_audit.sql). So in
+``ledgergate run`` the counters consumer rides on the audit consumer
+(``LogConsumer.ride_on``): it commits what audit stored in this process without reading or
+inserting those records itself, and inserts on its own only what audit does not store in
+time (audit down or retrying) or what precedes audit's start in this process. Run alone
+(``ledgergate consume``, ``replay``, the projection check's rebuild) it inserts as above.
 """
 
 from __future__ import annotations

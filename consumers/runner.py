@@ -48,6 +48,11 @@ class LogConsumer:
         self.position: Position = {}
         self._advanced = asyncio.Event()
         self._poke = asyncio.Event()
+        # riding (see ride_on): the consumer whose inserts also fill this one's tables
+        self.leader: LogConsumer | None = None
+        self.ridden = 0  # records committed on the leader's insert, without an insert of ours
+        self._ran_from: Position | None = None  # as leader: where its first run() in this process began
+        self._followers: list[asyncio.Event] = []  # as leader: set at each commit
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, store={self.store!r})"
@@ -107,16 +112,21 @@ class LogConsumer:
 
         If ClickHouse rejects the batch (a record the fast path let through is not valid
         JSON), the batch is re-selected with full parsing and inserted once more."""
-        payloads = self.select(records)
+        routed = self.routed(records)
         try:
-            for table, part in self.route(payloads):
+            for table, part in routed:
                 await self.store.insert_json(table, part)
         except StoreError:
-            payloads = self.select(records, strict=True)
-            for table, part in self.route(payloads):
+            routed = self.routed(records, strict=True)
+            for table, part in routed:
                 await self.store.insert_json(table, part)  # idempotent: a re-insert collapses
-        self.inserted += len(payloads)
-        return len(payloads)
+        n = sum(len(part) for _, part in routed)
+        self.inserted += n
+        return n
+
+    def routed(self, records: Sequence[Record], *, strict: bool = False) -> list[tuple[str, list[bytes]]]:
+        """(table, payloads) to insert for ``records``: ``route(select(records))``."""
+        return self.route(self.select(records, strict=strict))
 
     async def _consume(self, records: Sequence[Record], *, commit: bool = True) -> None:
         await self.process(records)
@@ -130,6 +140,76 @@ class LogConsumer:
         if commit:
             self.position.update(advanced)
             self._advanced.set()
+            for moved in self._followers:
+                moved.set()
+
+    def ride_on(self, leader: LogConsumer) -> None:
+        """Commit what ``leader`` stored instead of inserting it again.
+
+        Only for a consumer whose tables the leader's insert fills too (counters_minute is fed
+        by audit_events_in, schemas/clickhouse/009_counters_from_audit.sql), on the same store,
+        in the same process. ``run()`` then commits the leader's position, as far as the leader
+        got in this process (its inserts ran after the migrations), without reading the log;
+        records the leader does not reach within ``ride_wait_s`` are read and inserted by this
+        consumer as before, so a leader that is behind or retrying never holds it, and each
+        consumer keeps its own committed offset (at-least-once per consumer)."""
+        if leader.store is not self.store:
+            raise ValueError("a consumer rides only on a leader that writes to the same store")
+        self.leader = leader
+
+    # how long a rider waits for its leader before it inserts by itself (a few lingers)
+    ride_wait_s: float = 5.0
+
+    def _ridable(self) -> Position:
+        """The position up to which the leader stored, in this process, what follows ours."""
+        leader = self.leader
+        if leader is None or leader._ran_from is None:
+            return {}
+        out: Position = {}
+        for p, o in leader.position.items():
+            mine = self.position.get(p, 0)
+            if leader._ran_from.get(p, 0) <= mine < o:
+                out[p] = o
+        return out
+
+    async def _ride(self, ahead: Position) -> None:
+        """Commit ``ahead`` (the leader stored those records, its MV filled our tables). No
+        log_positions row: the leader wrote one at least this far."""
+        await self.log.commit_position(self.name, ahead)
+        self.processed += sum(o - self.position.get(p, 0) for p, o in ahead.items())
+        self.ridden += sum(o - self.position.get(p, 0) for p, o in ahead.items())
+        self.position.update(ahead)
+        self._advanced.set()
+
+    async def _run_riding(self) -> None:
+        """run() of a rider: commit the leader's progress; read and insert only what the leader
+        does not store within ``ride_wait_s`` (leader down, or this consumer behind its start)."""
+        assert self.leader is not None
+        leader = self.leader
+        moved = asyncio.Event()
+        leader._followers.append(moved)
+        try:
+            while True:
+                moved.clear()  # before looking: a commit from here on wakes the wait below
+                ahead = self._ridable()
+                if ahead:
+                    await self._ride(ahead)
+                    continue
+                end = await self.log.end_position()
+                start = leader._ran_from
+                if start is not None and not self.reached(start):
+                    # behind where the leader began in this process: its earlier inserts may
+                    # predate the view that fills our tables, so these we insert ourselves
+                    await self._insert_one_batch({p: min(o, start.get(p, 0)) for p, o in end.items()})
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(moved.wait(), self.ride_wait_s)
+                if moved.is_set() or self.reached(end):
+                    continue
+                # the leader did not get there in time (down, retrying): insert one batch ourselves
+                await self._insert_one_batch(end)
+        finally:
+            self.leader._followers.remove(moved)
 
     async def record_position(self, next_offset: int) -> None:
         """The store remembers how far the log reached (schemas/clickhouse/004_positions.sql):
@@ -149,14 +229,30 @@ class LogConsumer:
         (a position, or an offset of a one-partition log)."""
         while not self.reached(target):
             self._poke.set()
+            if self.leader is not None:  # a rider advances when its leader does
+                self.leader._poke.set()
             self._advanced.clear()
             await self._advanced.wait()
+
+    async def _insert_one_batch(self, end: Position) -> None:
+        """Read, insert and commit the next batch below ``end`` (the first partition behind)."""
+        for partition, stop in sorted(end.items()):
+            offset = self.position.get(partition, 0)
+            if offset < stop:
+                records = await self.log.read_partition(partition, offset, min(self.batch, stop - offset))
+                if records:
+                    await self._consume(records)
+                    return
 
     async def run(self) -> None:
         """Consume forever from the committed position (cancel the task to stop)."""
         position = await self.log.committed_position(self.name)
         self.position = dict(position)
+        if self._ran_from is None:
+            self._ran_from = dict(position)
         self._advanced.set()
+        if self.leader is not None:
+            return await self._run_riding()
         async for records in self.log.tail_position(position, self.batch):
             if records:
                 await self._consume(records)

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Literal, Self
+from typing import Literal, NamedTuple, Self
 
 Durability = Literal["strict", "batched"]
 
@@ -30,8 +29,11 @@ Position = dict[int, int]
 """partition -> the next offset to read there (a partition left out means offset 0)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
+    """One record. A tuple (immutable, compared by value): a backend may build it without a
+    Python call per row (``tuple.__new__(Record, row)`` over ``(offset, payload, partition)``
+    rows), which matters at thousands of records a second per consumer."""
+
     offset: int
     payload: bytes
     partition: int = 0

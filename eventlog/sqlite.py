@@ -50,6 +50,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,8 @@ _INSERTS = {
     k: "INSERT INTO records(offset, ts_ms, payload) VALUES " + ",".join(["(?,?,?)"] * k)
     for k in (*_CHUNKS, *range(1, _EXACT_MAX + 1))
 }
-_READ = "SELECT offset, payload FROM records WHERE offset >= ? ORDER BY offset LIMIT ?"
+# rows shaped like Record (offset, payload, partition): tuple.__new__ makes them Records in C
+_READ = "SELECT offset, payload, 0 FROM records WHERE offset >= ? ORDER BY offset LIMIT ?"
 _SINCE = "SELECT offset FROM records WHERE ts_ms >= ? ORDER BY ts_ms, offset LIMIT 1"
 _COMMIT = (
     "INSERT INTO consumer_offsets(name, next_offset) VALUES (?, ?) "
@@ -102,6 +104,9 @@ _RETRY_MAX_S = 1.0
 
 _NEW, _OPEN, _CLOSING, _CLOSED = range(4)
 _RESERVE_BYTES = 1 << 20  # batched: room kept for the rescue file (~2,000 records of 500 bytes)
+
+
+_new_record = partial(tuple.__new__, Record)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -741,7 +746,7 @@ class SqliteEventLog(EventLog):
     async def read(self, offset: int, limit: int = 10_000) -> list[Record]:
         def q() -> list[Record]:
             rows = self._rc().execute(_READ, (offset, limit)).fetchall()
-            return [Record(o, p) for o, p in rows]
+            return list(map(_new_record, rows))
 
         return await self._read_call(q)
 

@@ -38,6 +38,7 @@ SCHEMA_FILES = (
     "006_outcomes_shutdown.sql",
     "007_calls_policy_depth.sql",
     "008_approvals.sql",
+    "009_counters_from_audit.sql",
 )
 MIGRATIONS_TABLE = "ledgergate_migrations"
 

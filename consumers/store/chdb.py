@@ -49,6 +49,9 @@ _SESSION_SETTINGS = (
     "SET input_format_null_as_default = 1",
     "SET date_time_input_format = 'best_effort'",
     "SET session_timezone = 'UTC'",
+    # a consumer's insert is one block of a few MB: parsing it in one thread costs ~10 % less
+    # CPU per event than splitting it over parser threads (measured, issue 18)
+    "SET input_format_parallel_parsing = 0",
 )
 _WRAPPERS = re.compile(r"^(Nullable|LowCardinality)\((.*)\)$")
 _TZ = re.compile(r"'([^']+)'")
@@ -212,15 +215,16 @@ class ChdbStore(AuditStore):
         if not lines:
             return 0
         check_identifier(table)
-        data = b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
+        head = f"INSERT INTO {table} FORMAT JSONEachRow\n".encode()
 
         # A plain INSERT with the rows inline, not chDB's streaming send_insert: on a full disk
         # send_insert reports every row written and stores none, while the plain INSERT raises
         # NOT_ENOUGH_SPACE. A consumer commits its offset only after this returns, so a write
         # that fails silently would lose those events from every forensic answer.
-        query = f"INSERT INTO {table} FORMAT JSONEachRow\n".encode() + data
-
         def insert() -> None:
+            # the rows are joined here, on the chDB thread: a pass over every line that the
+            # event loop (serving calls) need not make
+            query = head + b"".join(line if line.endswith(b"\n") else line + b"\n" for line in lines)
             if self._conn is None:
                 raise StoreError("store is closed")
             try:

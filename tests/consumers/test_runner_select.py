@@ -39,3 +39,30 @@ def test_first_kind_decides_for_gateway_events() -> None:
     decided = orjson.dumps({"event_id": "a", "kind": "call.decided", "arguments": {"kind": "session.opened"}})
     completed = orjson.dumps({"event_id": "b", "kind": "call.completed", "error_message": "x"})
     assert c.select([Record(0, decided), Record(1, completed)]) == [decided]
+
+
+def test_audit_one_pass_routes_like_select_then_route() -> None:
+    """AuditConsumer.routed (one pass over the bytes) sends every payload where route(select())
+    sends it: kinds by their first marker (an agent's "kind" in the arguments moves nothing),
+    non-compact JSON and garbage through the full parse."""
+    from consumers.audit import AuditConsumer
+
+    c = AuditConsumer(None, None)  # type: ignore[arg-type]  # routing touches neither
+    records = _records()
+    extra = [
+        {"event_id": "s", "kind": "call.decided", "arguments": {"kind": "auth.failed"}},
+        {"event_id": "t", "kind": "auth.failed", "arguments": {"kind": "call.decided"}},
+        {"event_id": "u", "kind": "not.a.kind", "arguments": {"kind": "call.decided"}},
+    ]
+    records += [Record(len(records) + i, orjson.dumps(d)) for i, d in enumerate(extra)]
+    records.append(Record(len(records), b'  {"kind": "auth.failed", "event_id": "v"}'))  # not compact
+    records.append(Record(len(records), b"not json"))
+    records.append(Record(len(records), b'{"event_id": "w"'))
+
+    def by_table(routed: list[tuple[str, list[bytes]]]) -> dict[str, list[bytes]]:
+        return {t: sorted(part) for t, part in routed}
+
+    expected = by_table(c.route(c.select(records)))
+    assert set(expected) == {c.table, c.security_table, c.alerts_table, c.approvals_table}
+    assert by_table(c.routed(records)) == expected
+    assert by_table(c.routed(records, strict=True)) == by_table(c.route(c.select(records, strict=True)))

@@ -478,3 +478,63 @@ class AuditStoreContract:
         _, rows = await store.query("SELECT count() FROM audit_calls FINAL")
         assert rows == [(len([e for e in scenario() if e.kind == "call.decided"]),)]
         assert await consumer.catch_up() == 0
+
+    async def test_audit_insert_fills_the_counters(self, store: AuditStore, log: EventLog) -> None:
+        """009_counters_from_audit.sql: the audit insert alone gives the same per-minute counts
+        as the counters consumer's own insert (what lets the counters consumer ride on it)."""
+        await log.append([E.encode(e) for e in scenario()])
+        await AuditConsumer(log, store, batch=7).catch_up()
+        via_audit = await minute_counts(store)
+        assert via_audit[1]
+        assert await CountersConsumer(log, store).catch_up() == len(scenario())
+        assert await minute_counts(store) == via_audit  # the same events: counted once
+
+    async def test_counters_ride_on_the_running_audit(self, store: AuditStore, log: EventLog) -> None:
+        """Riding: the running counters consumer commits what audit stored (no insert of its own);
+        records before where audit began in this process it inserts itself (their audit inserts
+        may predate the view); its offset stays its own."""
+        evs = [E.encode(e) for e in scenario()]
+        await log.append(evs[:6])
+        await log.commit("audit", 4)  # audit got to 4 in an earlier process
+        audit, counters = AuditConsumer(log, store, batch=3), CountersConsumer(log, store)
+        counters.ride_on(audit)
+        tasks = [asyncio.create_task(audit.run()), asyncio.create_task(counters.run())]
+        try:
+            await log.append(evs[6:])
+            end = await log.end_offset()
+            async with asyncio.timeout(60):
+                await asyncio.gather(audit.wait_for(end), counters.wait_for(end))
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        assert await log.committed("counters") == end
+        decided_before_4 = sum(1 for p in evs[:4] if b'"kind":"call.decided"' in p)
+        assert counters.inserted == decided_before_4  # [0, 4) by itself
+        assert counters.ridden == end - 4  # the rest on audit's inserts
+        expected = await minute_counts(store)
+        assert await CountersConsumer(log, store).replay(0) == len(evs)  # its own insert of all
+        assert await minute_counts(store) == expected
+        assert sum(r[-1] for r in expected[1]) == sum(1 for p in evs if b'"kind":"call.decided"' in p)
+
+    async def test_a_rider_does_not_wait_for_a_stalled_leader(self, store: AuditStore, log: EventLog) -> None:
+        """A leader that does not advance (down, retrying) holds the rider at most ride_wait_s:
+        then the rider reads and inserts by itself, and loses nothing."""
+        evs = [E.encode(e) for e in scenario()]
+        await log.append(evs)
+        audit, counters = AuditConsumer(log, store), CountersConsumer(log, store, batch=5)
+        counters.ride_on(audit)
+        counters.ride_wait_s = 0.01
+        task = asyncio.create_task(counters.run())  # audit never runs
+        try:
+            async with asyncio.timeout(60):
+                await counters.wait_for(len(evs))
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        assert counters.ridden == 0
+        assert await log.committed("audit") == 0
+        _, rows = await store.query("SELECT count() FROM audit_calls FINAL")
+        assert rows == [(0,)]  # nothing came through audit: the counts are the rider's own
+        counted = sum(r[-1] for r in (await minute_counts(store))[1])
+        assert counted == sum(1 for p in evs if b'"kind":"call.decided"' in p)
