@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import signal
 import sqlite3
 import sys
 import textwrap
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from eventlog import EventLog, LogUnavailable, Record, SqliteEventLog, open_log
+from eventlog.sqlite import _Batch, _Writer
 from schemas.events import CallDecided, decode, encode, now_ms
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,6 +157,81 @@ async def test_strict_appends_of_one_loop_iteration_share_one_commit(db: Path) -
         assert log.stats.records == 2 * sum(sizes)
         assert sorted(lasts) == lasts  # each wave in task order, the second after the first
         assert lasts[-1] == 2 * sum(sizes) - 1
+
+
+async def _until(pred: Callable[[], bool]) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not pred():  # noqa: ASYNC110 - internal state of the log: nothing to await
+            await asyncio.sleep(0.001)
+
+
+async def test_strict_appends_handed_over_during_a_commit_share_the_next_one(db: Path) -> None:
+    """While a commit is in flight, each loop iteration's appends are handed over to the writer
+    at once; batches it has not taken yet merge (in append order), and it takes them itself
+    when its commit is done: one more commit for all of them, and flush() waits for it."""
+    async with SqliteEventLog(db, "strict", busy_timeout_ms=600_000) as log:
+        assert await log.append([b"first"]) == 0
+        writer = log._writer
+        assert writer is not None
+        locker = _lock(db)  # the next commit waits for this lock
+        try:
+            blocked = asyncio.ensure_future(log.append([b"blocked"]))
+            # poll until the writer has taken that batch (it is now stuck in its commit)
+            await _until(lambda: log._inflight is not None and writer._slot is None)
+            waves = []
+            for w in range(3):  # three loop iterations, three hand-overs
+                waves += [
+                    asyncio.ensure_future(log.append([f"w{w}-{i}".encode()] * (1 + i % 2))) for i in range(4)
+                ]
+                n = 6 * (w + 1)
+                await _until(lambda n=n: writer._slot is not None and len(writer._slot.payloads) == n)
+                if w == 0:
+                    slot = writer._slot
+                assert writer._slot is slot and log._inflight is slot  # merged into one batch
+            flushed = asyncio.ensure_future(log.flush())
+            await asyncio.sleep(0)
+            assert not blocked.done() and not flushed.done()
+        finally:
+            locker.rollback()
+            locker.close()
+        await flushed
+        assert blocked.done() and all(t.done() for t in waves)
+        assert await blocked == 1
+        lasts = [t.result() for t in waves]
+        assert sorted(lasts) == lasts and lasts[-1] == 1 + sum(1 + i % 2 for i in range(4)) * 3
+        assert log.stats.batches == 3  # first, blocked, and the three waves together
+        expected = [b"first", b"blocked"] + [
+            f"w{w}-{i}".encode() for w in range(3) for i in range(4) for _ in range(1 + i % 2)
+        ]
+        assert [r.payload for r in await read_all(log)] == expected
+
+
+async def test_the_writer_thread_keeps_no_log_alive() -> None:
+    """The writer thread holds the log's commit functions weakly, and nothing of a job once it
+    is done: a log dropped without close() can be collected (its finalizer stops the threads)."""
+    committed: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    class Owner:
+        def write(self, payloads: list[bytes]) -> int:
+            return len(payloads)
+
+        def done(self, b: _Batch, base: int | None, exc: BaseException | None, commit_s: float) -> None:
+            committed.set_result(base)
+
+    owner = Owner()
+    writer = _Writer("eventlog-writer:test", asyncio.get_running_loop(), owner.write, owner.done)
+    try:
+        batch = _Batch(0, urgent=True)
+        batch.payloads += [b"x", b"y"]
+        assert writer.hand(batch) is batch
+        assert await committed == 2  # a commit through the hand-over
+        assert await writer.call(functools.partial(owner.write, [b"z"])) == 1  # a job
+        alive = weakref.ref(owner)
+        del owner
+        gc.collect()
+        assert alive() is None
+    finally:
+        writer.stop()
 
 
 async def test_one_commit_of_any_size_keeps_its_order(db: Path) -> None:
