@@ -246,6 +246,32 @@ async def test_one_commit_of_any_size_keeps_its_order(db: Path) -> None:
         assert log.stats.batches == 6
 
 
+async def test_offsets_follow_other_writers_and_times_never_decrease(db: Path) -> None:
+    """Offsets are assigned inside the transaction (after another writer's rows), and a
+    record's ts_ms is never below the last record's (here one written with a clock ahead)."""
+    ahead = now_ms() + 3_600_000
+    async with SqliteEventLog(db, "strict") as log:
+        assert await log.append([b"a"]) == 0
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("INSERT INTO records(offset, ts_ms, payload) VALUES (1, ?, ?)", (ahead, b"other"))
+        finally:
+            other.close()
+        assert await log.append([b"b"]) == 2  # one statement
+        assert await log.append([b"c"] * 100) == 102  # chunks in one transaction
+        assert [await log.timestamp(o) for o in (1, 2, 50, 102)] == [ahead] * 4
+        assert await log.first_offset_since(ahead) == 1
+        assert [r.payload for r in await read_all(log)] == [b"a", b"other", b"b", *[b"c"] * 100]
+
+
+@pytest.mark.parametrize("n", [1, 64, 65, 300])
+async def test_offsets_of_a_new_log_start_at_zero(db: Path, n: int) -> None:
+    async with SqliteEventLog(db, "strict") as log:
+        payloads = [f"{i}".encode() for i in range(n)]
+        assert await log.append(payloads) == n - 1
+        assert await log.read(0, 1_000) == [Record(i, p) for i, p in enumerate(payloads)]
+
+
 async def test_batched_concurrent_offsets_are_promised_offsets(db: Path) -> None:
     async with SqliteEventLog(db, "batched", flush_interval_ms=1) as log:
 
