@@ -50,6 +50,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
+from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
 
@@ -73,25 +74,31 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
 """
 _LAST = "SELECT offset, ts_ms FROM records ORDER BY offset DESC LIMIT 1"
 # Multi-row INSERTs: one sqlite3_step (and one GIL release) per statement instead of per row.
-# A commit of up to 64 records is ONE statement of exactly its size, run on its own: in
-# autocommit mode it is its own transaction, so the whole commit (write lock, insert, commit,
-# fsync) is one call into SQLite, one GIL release and re-acquisition by the writer. Beyond 64,
-# chunks of 256, 128 and 64 rows, then one statement for the rest, in one BEGIN IMMEDIATE
-# transaction. So at most 67 distinct statements (<= 257 parameters) stay in the connection's
-# cache of prepared statements (128 by default), next to the few others.
-# Offsets are assigned inside the transaction: the first row gets max(offset) + 1 (0 in an
-# empty log), the others NULL, which SQLite turns into max(offset) + 1 as each row goes in;
-# the last record is never deleted (_DELETE_BEFORE), so offsets stay dense. ts_ms: ?1 (now),
-# but never less than the last record's (ts_ms never decreases along offsets, so
-# first_offset_since is exact).
+# A commit of up to 64 records is ONE statement of exactly its size; beyond, chunks of 256,
+# 128 and 64 rows, then one statement for the rest. So at most 67 distinct statements (<= 768
+# parameters: under SQLite's historical 999-parameter limit) stay in the connection's cache
+# of prepared statements (128 by default), next to the few others.
 _EXACT_MAX = 64
 _CHUNKS = (256, 128, 64)
-_TS = "max(?1, coalesce((SELECT ts_ms FROM records ORDER BY offset DESC LIMIT 1), 0))"
 _INSERTS = {
+    k: "INSERT INTO records(offset, ts_ms, payload) VALUES " + ",".join(["(?,?,?)"] * k)
+    for k in (*_CHUNKS, *range(1, _EXACT_MAX + 1))
+}
+# A commit of up to _ONE_MAX records (what concurrent callers share) is one statement that
+# assigns its offsets and ts itself, run on its own: in autocommit mode it is its own
+# transaction, so the whole commit (write lock, insert, commit, fsync) is one call into SQLite,
+# one GIL release and re-acquisition by the writer instead of four (BEGIN IMMEDIATE, SELECT
+# last, INSERT, COMMIT). The first row gets max(offset) + 1 (0 in an empty log), the others
+# NULL, which SQLite turns into max(offset) + 1 as each row goes in; the last record is never
+# deleted (_DELETE_BEFORE), so offsets stay dense. ts_ms: ?1 (now), never less than the last
+# record's. Not beyond _ONE_MAX: the ts subquery runs once per row (~4 us each).
+_ONE_MAX = 8
+_TS = "max(?1, coalesce((SELECT ts_ms FROM records ORDER BY offset DESC LIMIT 1), 0))"
+_ONE = {
     k: "INSERT INTO records(offset, ts_ms, payload) VALUES "
     + f"(coalesce((SELECT max(offset) FROM records), -1) + 1, {_TS}, ?2)"
     + "".join(f",(NULL, {_TS}, ?{i + 2})" for i in range(1, k))
-    for k in (*_CHUNKS, *range(1, _EXACT_MAX + 1))
+    for k in range(1, _ONE_MAX + 1)
 }
 _READ = "SELECT offset, payload FROM records WHERE offset >= ? ORDER BY offset LIMIT ?"
 _SINCE = "SELECT offset FROM records WHERE ts_ms >= ? ORDER BY ts_ms, offset LIMIT 1"
@@ -264,6 +271,23 @@ class _Writer(_Worker):
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
             job = fn = done = result = None  # idle, it keeps nothing (nor the log) alive
+
+
+def _insert(conn: sqlite3.Connection, base: int, ts: int, payloads: list[bytes]) -> None:
+    i, n = 0, len(payloads)
+    while n - i > _EXACT_MAX:
+        k = next(c for c in _CHUNKS if n - i >= c)
+        conn.execute(
+            _INSERTS[k],
+            tuple(chain.from_iterable(zip(range(base + i, base + i + k), repeat(ts), payloads[i : i + k]))),
+        )
+        i += k
+    if i < n:  # the rest (all of a commit of up to 64 records) in one statement
+        rest = payloads[i:] if i else payloads
+        conn.execute(
+            _INSERTS[n - i],
+            tuple(chain.from_iterable(zip(range(base + i, base + n), repeat(ts), rest))),
+        )
 
 
 class _Batch:
@@ -581,18 +605,18 @@ class SqliteEventLog(EventLog):
         if conn is None:
             raise sqlite3.OperationalError("connection closed")
         n = len(payloads)
-        now = time.time_ns() // 1_000_000
-        if n <= _EXACT_MAX:  # one statement, its own transaction (a failure rolls it back)
-            return conn.execute(_INSERTS[n], (now, *payloads)).lastrowid - n + 1  # type: ignore[operator]
+        if n <= _ONE_MAX:  # one statement, its own transaction (a failure rolls it back)
+            cur = conn.execute(_ONE[n], (time.time_ns() // 1_000_000, *payloads))
+            return cur.lastrowid - n + 1  # type: ignore[operator]
         try:
             conn.execute("BEGIN IMMEDIATE")
-            i, base = 0, -1
-            while i < n:
-                k = next(c for c in _CHUNKS if n - i >= c) if n - i > _EXACT_MAX else n - i
-                last = conn.execute(_INSERTS[k], (now, *payloads[i : i + k])).lastrowid
-                if i == 0:
-                    base = last - k + 1  # type: ignore[operator]
-                i += k
+            row = conn.execute(_LAST).fetchone()
+            now = time.time_ns() // 1_000_000
+            if row is None:
+                base, ts = 0, now
+            else:  # ts_ms never decreases along offsets, so first_offset_since is exact
+                base, ts = row[0] + 1, max(now, row[1])
+            _insert(conn, base, ts, payloads)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -257,14 +257,14 @@ async def test_offsets_follow_other_writers_and_times_never_decrease(db: Path) -
             other.execute("INSERT INTO records(offset, ts_ms, payload) VALUES (1, ?, ?)", (ahead, b"other"))
         finally:
             other.close()
-        assert await log.append([b"b"]) == 2  # one statement
-        assert await log.append([b"c"] * 100) == 102  # chunks in one transaction
-        assert [await log.timestamp(o) for o in (1, 2, 50, 102)] == [ahead] * 4
+        assert await log.append([b"b"] * 8) == 9  # one statement
+        assert await log.append([b"c"] * 100) == 109  # in a BEGIN IMMEDIATE transaction
+        assert [await log.timestamp(o) for o in (1, 2, 9, 50, 109)] == [ahead] * 5
         assert await log.first_offset_since(ahead) == 1
-        assert [r.payload for r in await read_all(log)] == [b"a", b"other", b"b", *[b"c"] * 100]
+        assert [r.payload for r in await read_all(log)] == [b"a", b"other", *[b"b"] * 8, *[b"c"] * 100]
 
 
-@pytest.mark.parametrize("n", [1, 64, 65, 300])
+@pytest.mark.parametrize("n", [1, 8, 9, 64, 65, 300])
 async def test_offsets_of_a_new_log_start_at_zero(db: Path, n: int) -> None:
     async with SqliteEventLog(db, "strict") as log:
         payloads = [f"{i}".encode() for i in range(n)]
