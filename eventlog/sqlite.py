@@ -10,13 +10,16 @@ Threads: all writes run in one dedicated writer thread that owns the write conne
 reads run in one reader thread with its own connection. The event loop never touches
 SQLite. Bookkeeping (pending batch, in-flight batch, waiters) lives on the event loop
 thread only, so it needs no locks; the threads receive whole batches and report back
-with one ``call_soon_threadsafe`` per job.
+with one ``call_soon_threadsafe`` per job or commit. The one exception: the writer's slot
+for the next batch (``_Writer``), under a lock.
 
-Group commit: ``append()`` adds its payloads to the pending batch. While a transaction
-is in flight, every caller lands in the same pending batch, which becomes the next
-single transaction (one ``executemany`` and one fsync) once the in-flight one is
-done. The writer assigns offsets inside the transaction (``max(offset) + 1``), so
-offsets are dense and a failed transaction consumes none.
+Group commit: ``append()`` adds its payloads to the pending batch; at the end of the loop
+iteration it goes to the writer as one transaction (one INSERT statement per up to 256
+records, one fsync). Strict: while a transaction is in flight, the next batch waits in
+the writer's slot, later iterations' batches join it, and the writer takes it itself once
+the in-flight one is done (no loop round trip). The writer assigns offsets inside the
+transaction (``max(offset) + 1``), so offsets are dense and a failed transaction consumes
+none.
 
 Durability: both modes use ``PRAGMA synchronous=FULL`` (every commit fsyncs the WAL).
 ``strict``: ``append()`` returns the offset of its last record after the commit.
@@ -270,7 +273,7 @@ class _Writer(_Worker):
                 self._loop.call_soon_threadsafe(done, result, exc)
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 pass
-            job = fn = done = result = None  # idle, it keeps nothing (nor the log) alive
+            job = fn = done = result = exc = None  # idle, it keeps nothing (nor the log) alive
 
 
 def _insert(conn: sqlite3.Connection, base: int, ts: int, payloads: list[bytes]) -> None:
