@@ -87,6 +87,16 @@ _INSERTS = {
     k: "INSERT INTO records(offset, ts_ms, payload) VALUES " + ",".join(["(?,?,?)"] * k)
     for k in (*_CHUNKS, *range(1, _EXACT_MAX + 1))
 }
+_READ = "SELECT offset, payload FROM records WHERE offset >= ? ORDER BY offset LIMIT ?"
+_SINCE = "SELECT offset FROM records WHERE ts_ms >= ? ORDER BY ts_ms, offset LIMIT 1"
+_COMMIT = (
+    "INSERT INTO consumer_offsets(name, next_offset) VALUES (?, ?) "
+    "ON CONFLICT(name) DO UPDATE SET next_offset = excluded.next_offset"
+)
+_COMMITTED = "SELECT next_offset FROM consumer_offsets WHERE name = ?"
+_TS_OF = "SELECT ts_ms FROM records WHERE offset = ?"
+# the last record always stays: it is what keeps offsets going on after it (_LAST)
+_DELETE_BEFORE = "DELETE FROM records WHERE offset < min(?, (SELECT max(offset) FROM records))"
 # A commit of up to _ONE_MAX records (what concurrent callers share) is one statement that
 # assigns its offsets and ts itself, run on its own: in autocommit mode it is its own
 # transaction, so the whole commit (write lock, insert, commit, fsync) is one call into SQLite,
@@ -103,16 +113,6 @@ _ONE = {
     + "".join(f",(NULL, {_TS}, ?{i + 2})" for i in range(1, k))
     for k in range(1, _ONE_MAX + 1)
 }
-_READ = "SELECT offset, payload FROM records WHERE offset >= ? ORDER BY offset LIMIT ?"
-_SINCE = "SELECT offset FROM records WHERE ts_ms >= ? ORDER BY ts_ms, offset LIMIT 1"
-_COMMIT = (
-    "INSERT INTO consumer_offsets(name, next_offset) VALUES (?, ?) "
-    "ON CONFLICT(name) DO UPDATE SET next_offset = excluded.next_offset"
-)
-_COMMITTED = "SELECT next_offset FROM consumer_offsets WHERE name = ?"
-_TS_OF = "SELECT ts_ms FROM records WHERE offset = ?"
-# the last record always stays: it is what keeps offsets going on after it (_LAST)
-_DELETE_BEFORE = "DELETE FROM records WHERE offset < min(?, (SELECT max(offset) FROM records))"
 
 # batched mode: above this many queued records, append() waits for a flush (back-pressure).
 _BATCHED_HIGH_WATER = 100_000
