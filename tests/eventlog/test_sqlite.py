@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import signal
 import sqlite3
 import sys
 import textwrap
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from eventlog import EventLog, LogUnavailable, Record, SqliteEventLog, open_log
+from eventlog.sqlite import _Batch, _Writer
 from schemas.events import CallDecided, decode, encode, now_ms
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,6 +159,81 @@ async def test_strict_appends_of_one_loop_iteration_share_one_commit(db: Path) -
         assert lasts[-1] == 2 * sum(sizes) - 1
 
 
+async def _until(pred: Callable[[], bool]) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not pred():  # noqa: ASYNC110 - internal state of the log: nothing to await
+            await asyncio.sleep(0.001)
+
+
+async def test_strict_appends_handed_over_during_a_commit_share_the_next_one(db: Path) -> None:
+    """While a commit is in flight, each loop iteration's appends are handed over to the writer
+    at once; batches it has not taken yet merge (in append order), and it takes them itself
+    when its commit is done: one more commit for all of them, and flush() waits for it."""
+    async with SqliteEventLog(db, "strict", busy_timeout_ms=600_000) as log:
+        assert await log.append([b"first"]) == 0
+        writer = log._writer
+        assert writer is not None
+        locker = _lock(db)  # the next commit waits for this lock
+        try:
+            blocked = asyncio.ensure_future(log.append([b"blocked"]))
+            # poll until the writer has taken that batch (it is now stuck in its commit)
+            await _until(lambda: log._inflight is not None and writer._slot is None)
+            waves = []
+            for w in range(3):  # three loop iterations, three hand-overs
+                waves += [
+                    asyncio.ensure_future(log.append([f"w{w}-{i}".encode()] * (1 + i % 2))) for i in range(4)
+                ]
+                n = 6 * (w + 1)
+                await _until(lambda n=n: writer._slot is not None and len(writer._slot.payloads) == n)
+                if w == 0:
+                    slot = writer._slot
+                assert writer._slot is slot and log._inflight is slot  # merged into one batch
+            flushed = asyncio.ensure_future(log.flush())
+            await asyncio.sleep(0)
+            assert not blocked.done() and not flushed.done()
+        finally:
+            locker.rollback()
+            locker.close()
+        await flushed
+        assert blocked.done() and all(t.done() for t in waves)
+        assert await blocked == 1
+        lasts = [t.result() for t in waves]
+        assert sorted(lasts) == lasts and lasts[-1] == 1 + sum(1 + i % 2 for i in range(4)) * 3
+        assert log.stats.batches == 3  # first, blocked, and the three waves together
+        expected = [b"first", b"blocked"] + [
+            f"w{w}-{i}".encode() for w in range(3) for i in range(4) for _ in range(1 + i % 2)
+        ]
+        assert [r.payload for r in await read_all(log)] == expected
+
+
+async def test_the_writer_thread_keeps_no_log_alive() -> None:
+    """The writer thread holds the log's commit functions weakly, and nothing of a job once it
+    is done: a log dropped without close() can be collected (its finalizer stops the threads)."""
+    committed: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+    class Owner:
+        def write(self, payloads: list[bytes]) -> int:
+            return len(payloads)
+
+        def done(self, b: _Batch, base: int | None, exc: BaseException | None, commit_s: float) -> None:
+            committed.set_result(base)
+
+    owner = Owner()
+    writer = _Writer("eventlog-writer:test", asyncio.get_running_loop(), owner.write, owner.done)
+    try:
+        batch = _Batch(0, urgent=True)
+        batch.payloads += [b"x", b"y"]
+        assert writer.hand(batch) is batch
+        assert await committed == 2  # a commit through the hand-over
+        assert await writer.call(functools.partial(owner.write, [b"z"])) == 1  # a job
+        alive = weakref.ref(owner)
+        del owner
+        gc.collect()
+        assert alive() is None
+    finally:
+        writer.stop()
+
+
 async def test_one_commit_of_any_size_keeps_its_order(db: Path) -> None:
     """A commit is one multi-row INSERT of its exact size up to 64 records, chunks beyond."""
     async with SqliteEventLog(db, "strict") as log:
@@ -164,6 +244,32 @@ async def test_one_commit_of_any_size_keeps_its_order(db: Path) -> None:
             assert [r.payload for r in await log.read(end, 1_000)] == payloads
             end += n
         assert log.stats.batches == 6
+
+
+async def test_offsets_follow_other_writers_and_times_never_decrease(db: Path) -> None:
+    """Offsets are assigned inside the transaction (after another writer's rows), and a
+    record's ts_ms is never below the last record's (here one written with a clock ahead)."""
+    ahead = now_ms() + 3_600_000
+    async with SqliteEventLog(db, "strict") as log:
+        assert await log.append([b"a"]) == 0
+        other = sqlite3.connect(db, isolation_level=None)
+        try:
+            other.execute("INSERT INTO records(offset, ts_ms, payload) VALUES (1, ?, ?)", (ahead, b"other"))
+        finally:
+            other.close()
+        assert await log.append([b"b"] * 8) == 9  # one statement
+        assert await log.append([b"c"] * 100) == 109  # in a BEGIN IMMEDIATE transaction
+        assert [await log.timestamp(o) for o in (1, 2, 9, 50, 109)] == [ahead] * 5
+        assert await log.first_offset_since(ahead) == 1
+        assert [r.payload for r in await read_all(log)] == [b"a", b"other", *[b"b"] * 8, *[b"c"] * 100]
+
+
+@pytest.mark.parametrize("n", [1, 8, 9, 64, 65, 300])
+async def test_offsets_of_a_new_log_start_at_zero(db: Path, n: int) -> None:
+    async with SqliteEventLog(db, "strict") as log:
+        payloads = [f"{i}".encode() for i in range(n)]
+        assert await log.append(payloads) == n - 1
+        assert await log.read(0, 1_000) == [Record(i, p) for i, p in enumerate(payloads)]
 
 
 async def test_batched_concurrent_offsets_are_promised_offsets(db: Path) -> None:
