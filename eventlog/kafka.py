@@ -632,13 +632,45 @@ class KafkaEventLog(EventLog):
         return hw
 
     async def _fetch_end(self, starts: dict[int, int]) -> tuple[None, dict[int, int]]:
-        # records returned on the way are dropped: only the highwater matters here
-        while True:
-            records, hw = await self._fetch(starts, 1)
-            if not records:
-                self._hw.update(hw)
-                return None, hw
-            starts = {p: max(starts[p], hw.get(p, 0)) for p in starts}
+        """The partitions' highwater from the second fresh fetch response of each (the first
+        could answer a request sent before the caller's append was acked). Records fetched
+        on the way are dropped and skipped by a seek to the highwater, so the freshness count
+        goes on across them: while another gateway appends steadily, every response carries
+        records, and a round that restarted on records (as `_fetch` does) never ended."""
+        async with self._read_lock:
+            c = await self._get_reader()
+            tps = self._tps
+            assert tps is not None
+            wanted = [tps[p] for p in starts]
+            for tp in wanted:
+                c.seek(tp, starts[tp.partition])
+            seen = {tp: c.last_poll_timestamp(tp) for tp in wanted}
+            fresh = dict.fromkeys(wanted, 0)
+            c.resume(*wanted)
+            deadline = time.monotonic() + self.request_timeout_ms / 1000
+            try:
+                while True:
+                    try:
+                        res = await c.getmany(*wanted, timeout_ms=self.fetch_wait_ms + 10, max_records=10_000)
+                    except OffsetOutOfRangeError:
+                        return None, {tp.partition: starts[tp.partition] for tp in wanted}
+                    for tp in wanted:
+                        ts = c.last_poll_timestamp(tp)
+                        if ts != seen[tp]:
+                            seen[tp] = ts
+                            fresh[tp] += 1
+                    hw = {tp.partition: c.highwater(tp) or 0 for tp in wanted}
+                    if all(n >= 2 for n in fresh.values()):
+                        self._hw.update(hw)
+                        return None, hw
+                    for tp in res:  # records buffered: skip them, or no new fetch is sent for tp
+                        c.seek(tp, max(hw[tp.partition], starts[tp.partition]))
+                    if time.monotonic() > deadline:
+                        raise LogUnavailable(
+                            f"{self!r}: no fetch response within {self.request_timeout_ms} ms"
+                        )
+            finally:
+                c.pause(*wanted)
 
     async def position_since(self, ts_ms: int) -> Position:
         tps = await self._topic_partitions()
