@@ -249,6 +249,40 @@ async def test_tail_on_kafka_sees_another_gateways_records(tmp_path: Path, kafka
         await tail.aclose()
 
 
+async def test_tail_payloads_hands_payloads_and_the_position_after_them(
+    tmp_path: Path, kafka_broker: Tansu
+) -> None:
+    """The replica fold's tail: payloads and where to go on from, paced (the partitions are
+    paused between batches and resumed: nothing appended meanwhile is lost or stuck)."""
+    topic = unique_topic("pay")
+    async with (
+        KafkaEventLog(kafka_broker.bootstrap, topic, partitions=2, spool_path=tmp_path / "a.db") as a,
+        KafkaEventLog(kafka_broker.bootstrap, topic, partitions=2, spool_path=tmp_path / "b.db") as b,
+    ):
+        first = [payload(g, i) for i in range(3) for g in ("g1", "g2")]
+        await a.append(first)
+        position: dict[int, int] = {}
+        got: list[bytes] = []
+        tail = b.tail_payloads({0: 0, 1: 0}, max_wait_ms=20, pace_ms=50)
+        while len(got) < len(first):
+            payloads, after = await asyncio.wait_for(anext(tail), TIMEOUT)
+            got += payloads
+            position.update(after)
+        assert sorted(got) == sorted(first)
+        end = await a.end_position()
+        assert position == end  # the position after every record handed
+        later = [payload("g1", 3), payload("g2", 3)]
+        await a.append(later)  # lands while the tail is paused or waiting
+        more: list[bytes] = []
+        while len(more) < len(later):
+            payloads, after = await asyncio.wait_for(anext(tail), TIMEOUT)
+            more += payloads
+            position.update(after)
+        assert sorted(more) == sorted(later)
+        assert position == await a.end_position()
+        await tail.aclose()
+
+
 async def test_end_position_answers_while_another_gateway_appends_steadily(
     tmp_path: Path, kafka_broker: Tansu
 ) -> None:
