@@ -268,10 +268,15 @@ class ReplicaFold:
         return n
 
     def stats(self) -> dict[str, object]:
+        """`max_lag_ms` since the start (what a bound needs), and the median and p99 of the
+        recent batches' lag (what the overshoot follows: it grows with the typical lag)."""
+        recent = sorted(self.lag_ms)
         return {
             "gateway": self.skip[:-1].decode(),
             "folded_events": self.folded_events,
             "max_lag_ms": self.max_lag_ms,
+            "lag_ms_p50": recent[len(recent) // 2] if recent else None,
+            "lag_ms_p99": recent[len(recent) * 99 // 100] if recent else None,
         }
 
     async def close(self) -> None:
