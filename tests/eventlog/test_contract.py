@@ -249,6 +249,79 @@ async def test_tail_on_kafka_sees_another_gateways_records(tmp_path: Path, kafka
         await tail.aclose()
 
 
+async def test_tail_payloads_hands_payloads_and_the_position_after_them(
+    tmp_path: Path, kafka_broker: Tansu
+) -> None:
+    """The replica fold's tail: payloads and where to go on from, paced (the partitions are
+    paused between batches and resumed: nothing appended meanwhile is lost or stuck)."""
+    topic = unique_topic("pay")
+    async with (
+        KafkaEventLog(kafka_broker.bootstrap, topic, partitions=2, spool_path=tmp_path / "a.db") as a,
+        KafkaEventLog(kafka_broker.bootstrap, topic, partitions=2, spool_path=tmp_path / "b.db") as b,
+    ):
+        first = [payload(g, i) for i in range(3) for g in ("g1", "g2")]
+        await a.append(first)
+        position: dict[int, int] = {}
+        got: list[bytes] = []
+        tail = b.tail_payloads({0: 0, 1: 0}, max_wait_ms=20, pace_ms=50)
+        while len(got) < len(first):
+            payloads, after = await asyncio.wait_for(anext(tail), TIMEOUT)
+            got += payloads
+            position.update(after)
+        assert sorted(got) == sorted(first)
+        end = await a.end_position()
+        assert position == end  # the position after every record handed
+        later = [payload("g1", 3), payload("g2", 3)]
+        await a.append(later)  # lands while the tail is paused or waiting
+        more: list[bytes] = []
+        while len(more) < len(later):
+            payloads, after = await asyncio.wait_for(anext(tail), TIMEOUT)
+            more += payloads
+            position.update(after)
+        assert sorted(more) == sorted(later)
+        assert position == await a.end_position()
+        await tail.aclose()
+
+
+async def test_end_position_answers_while_another_gateway_appends_steadily(
+    tmp_path: Path, kafka_broker: Tansu
+) -> None:
+    """A replica starting next to a loaded one: its rebuild asks for the end while every fetch
+    response carries new records. The end it gets covers what was acked before it asked."""
+    topic = unique_topic("busy")
+    async with (
+        KafkaEventLog(kafka_broker.bootstrap, topic, partitions=1, spool_path=tmp_path / "a.db") as a,
+        KafkaEventLog(kafka_broker.bootstrap, topic, partitions=1, spool_path=tmp_path / "b.db") as b,
+    ):
+        acked = [-1]
+        stop = asyncio.Event()
+
+        async def writer() -> None:
+            i = 0
+            while not stop.is_set():  # strict appends, back to back: a record every round trip
+                acked[0] = await a.append([payload("busy", i)])
+                i += 1
+
+        task = asyncio.create_task(writer())
+        try:
+            await wait_until(_appended(acked, 20), "the writer to get going")
+            for _ in range(3):
+                before = acked[0]
+                end = await asyncio.wait_for(b.end_position(), TIMEOUT)
+                assert end[0] > before  # every record acked before the call is below the end
+            assert acked[0] > before  # the writer kept appending while the end was asked
+        finally:
+            stop.set()
+            await task
+
+
+def _appended(acked: list[int], n: int) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return acked[0] >= n
+
+    return check
+
+
 async def test_spool_depth_and_age_reach_metrics_and_health(tmp_path: Path) -> None:
     """What an operator watches during a broker outage: /metrics and /admin/health."""
     from types import SimpleNamespace

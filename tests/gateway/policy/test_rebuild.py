@@ -12,10 +12,11 @@ from gateway.audit.hooks import AddonChain
 from gateway.audit.writer import AuditAddon
 from gateway.auth import Grant
 from gateway.mcp.flow import CallFlow
-from gateway.policy.engine import Call, decide
+from gateway.policy.engine import Call, CounterKey, decide
 from gateway.policy.limiter import Limiter
 from gateway.policy.live import PolicySet
-from gateway.policy.rebuild import rebuild_limiters
+from gateway.policy.rebuild import ReplicaFold, rebuild_limiters
+from schemas.events import call_completed, call_decided, counter_charge
 
 POLICY = (
     '{"version":"1","default":"deny","tools":{"t":{"limits":['
@@ -150,3 +151,86 @@ async def test_rebuild_gives_back_the_charges_of_refunded_calls_only(tmp_path: P
     await log.close()
     assert dict(rebuilt.view()) == dict(live.view())
     assert sorted(rebuilt.view().values()) == [2, 2]
+
+
+def _decided(gateway: str, call_id: str, ts: int, decision: str = "allow") -> bytes:
+    ev = call_decided(
+        gateway,
+        call_id,
+        "srv",
+        "tools/call",
+        "t",
+        "1",
+        "g",
+        "agent-1",
+        None,
+        None,
+        None,
+        None,
+        None,
+        {"note": '"gateway":"gw-b" "decision":"deny"'},
+        None,
+        decision,
+        None,
+        None,
+        None,
+        [],
+        [counter_charge("per_min", "g", "grant", 1_700_000_000, 60)],
+        None,
+        False,
+        None,
+        None,
+        None,
+    )
+    ev["ts"] = ts
+    return orjson.dumps(ev)
+
+
+def _completed(gateway: str, call_id: str, refunded: bool) -> bytes:
+    return orjson.dumps(
+        call_completed(
+            gateway,
+            call_id,
+            "srv",
+            "tools/call",
+            "t",
+            "g",
+            "agent-1",
+            None,
+            "error" if refunded else "ok",
+            None,
+            None,
+            None,
+            0,
+            False,
+            refunded,
+        )
+    )
+
+
+def test_replica_fold_counts_other_gateways_allowed_calls_from_payloads() -> None:
+    """The live fold on payloads (what the Kafka tail hands): another gateway's allowed calls
+    are counted once (a redelivered record is not), this gateway's own and denied ones are
+    not, a refunded call is taken back; the lag is the fold time minus the event's ts."""
+    limiter = Limiter()
+    fold = ReplicaFold(None, {"srv": limiter}, "gw-b", clock=lambda: NOW)  # type: ignore[arg-type]
+    ts = int(NOW * 1000)
+    ids = [f"0190a0b0-0000-7000-8000-00000000000{i}" for i in range(5)]
+    first = [
+        _decided("gw-a", ids[0], ts - 30),
+        _decided("gw-b", ids[1], ts - 30),  # its own: charged when it decided
+        _decided("gw-a", ids[2], ts - 10, decision="deny"),
+        _decided("gw-a", ids[3], ts - 20),
+    ]
+    assert fold.fold_payloads(first) == 2
+    assert fold.fold_payloads(first[:1]) == 0  # at-least-once: the same event again
+    assert fold.fold_payloads([_completed("gw-a", ids[3], refunded=True)]) == 0
+    key = CounterKey("per_min", "grant", "g", 60, 1_700_000_000)
+    assert limiter.view()[key] == 1  # ids[0]; ids[3] was refunded
+    assert fold.folded_events == 2
+    assert fold.fold_payloads([_decided("gw-a", ids[4], ts - 5)]) == 1
+    assert limiter.view()[key] == 2
+    stats = fold.stats()
+    assert stats["max_lag_ms"] == 30  # the oldest event of the first batch
+    assert sorted(fold.lag_ms) == [5, 30]
+    assert stats["lag_ms_p50"] == 30 and stats["gateway"] == "gw-b"
