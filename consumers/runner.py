@@ -176,8 +176,9 @@ class LogConsumer:
         """Commit ``ahead`` (the leader stored those records, its MV filled our tables). No
         log_positions row: the leader wrote one at least this far."""
         await self.log.commit_position(self.name, ahead)
-        self.processed += sum(o - self.position.get(p, 0) for p, o in ahead.items())
-        self.ridden += sum(o - self.position.get(p, 0) for p, o in ahead.items())
+        n = sum(o - self.position.get(p, 0) for p, o in ahead.items())
+        self.processed += n
+        self.ridden += n
         self.position.update(ahead)
         self._advanced.set()
 
@@ -209,7 +210,7 @@ class LogConsumer:
                 # the leader did not get there in time (down, retrying): insert one batch ourselves
                 await self._insert_one_batch(end)
         finally:
-            self.leader._followers.remove(moved)
+            leader._followers.remove(moved)
 
     async def record_position(self, next_offset: int) -> None:
         """The store remembers how far the log reached (schemas/clickhouse/004_positions.sql):

@@ -567,27 +567,49 @@ class KafkaEventLog(EventLog):
         if self._state not in (_OPEN, _CLOSING):
             self._check_open()
 
+    def _start_round(
+        self, c: Any, starts: dict[int, int]
+    ) -> tuple[list[TopicPartition], dict[TopicPartition, int], dict[TopicPartition, int]]:
+        """Seek the shared reader to `starts` and resume those partitions: (the partitions,
+        their last poll timestamps, a count of fresh fetch responses per partition)."""
+        tps = self._tps
+        assert tps is not None
+        wanted = [tps[p] for p in starts]
+        for tp in wanted:
+            c.seek(tp, starts[tp.partition])
+        seen = {tp: c.last_poll_timestamp(tp) for tp in wanted}
+        c.resume(*wanted)
+        return wanted, seen, dict.fromkeys(wanted, 0)
+
+    async def _poll(
+        self,
+        c: Any,
+        wanted: list[TopicPartition],
+        seen: dict[TopicPartition, int],
+        fresh: dict[TopicPartition, int],
+        max_records: int,
+    ) -> dict[TopicPartition, list[Any]]:
+        """One getmany; counts, per partition, the fetch responses that arrived since the last."""
+        res = await c.getmany(*wanted, timeout_ms=self.fetch_wait_ms + 10, max_records=max_records)
+        for tp in wanted:
+            ts = c.last_poll_timestamp(tp)
+            if ts != seen[tp]:
+                seen[tp] = ts
+                fresh[tp] += 1
+        return res
+
     async def _fetch(self, starts: dict[int, int], limit: int) -> tuple[list[Record], dict[int, int]]:
         """One read round on the shared reader: records from `starts` (possibly empty) and
         the partitions' highwater after two fresh fetch responses each (the first could
         answer a request sent before the caller's append was acked)."""
         async with self._read_lock:
             c = await self._get_reader()
-            tps = self._tps
-            assert tps is not None
-            wanted = [tps[p] for p in starts]
-            for tp in wanted:
-                c.seek(tp, starts[tp.partition])
-            seen = {tp: c.last_poll_timestamp(tp) for tp in wanted}
-            fresh = dict.fromkeys(wanted, 0)
-            c.resume(*wanted)
+            wanted, seen, fresh = self._start_round(c, starts)
             deadline = time.monotonic() + self.request_timeout_ms / 1000
             try:
                 while True:
                     try:
-                        res = await c.getmany(
-                            *wanted, timeout_ms=self.fetch_wait_ms + 10, max_records=max(1, limit)
-                        )
+                        res = await self._poll(c, wanted, seen, fresh, max(1, limit))
                     except OffsetOutOfRangeError:
                         return [], {tp.partition: starts[tp.partition] for tp in wanted}
                     records = [
@@ -596,11 +618,6 @@ class KafkaEventLog(EventLog):
                         for m in msgs
                         if m.offset >= starts[tp.partition]
                     ]
-                    for tp in wanted:
-                        ts = c.last_poll_timestamp(tp)
-                        if ts != seen[tp]:
-                            seen[tp] = ts
-                            fresh[tp] += 1
                     hw = {tp.partition: c.highwater(tp) for tp in wanted}
                     if records:
                         return records, {p: h or 0 for p, h in hw.items()}
@@ -639,26 +656,14 @@ class KafkaEventLog(EventLog):
         records, and a round that restarted on records (as `_fetch` does) never ended."""
         async with self._read_lock:
             c = await self._get_reader()
-            tps = self._tps
-            assert tps is not None
-            wanted = [tps[p] for p in starts]
-            for tp in wanted:
-                c.seek(tp, starts[tp.partition])
-            seen = {tp: c.last_poll_timestamp(tp) for tp in wanted}
-            fresh = dict.fromkeys(wanted, 0)
-            c.resume(*wanted)
+            wanted, seen, fresh = self._start_round(c, starts)
             deadline = time.monotonic() + self.request_timeout_ms / 1000
             try:
                 while True:
                     try:
-                        res = await c.getmany(*wanted, timeout_ms=self.fetch_wait_ms + 10, max_records=10_000)
+                        res = await self._poll(c, wanted, seen, fresh, 10_000)
                     except OffsetOutOfRangeError:
                         return None, {tp.partition: starts[tp.partition] for tp in wanted}
-                    for tp in wanted:
-                        ts = c.last_poll_timestamp(tp)
-                        if ts != seen[tp]:
-                            seen[tp] = ts
-                            fresh[tp] += 1
                     hw = {tp.partition: c.highwater(tp) or 0 for tp in wanted}
                     if all(n >= 2 for n in fresh.values()):
                         self._hw.update(hw)
